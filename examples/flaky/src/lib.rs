@@ -1,0 +1,161 @@
+//! `flaky`: misbehaves on purpose, as its payload says, so tests and the demo can show every
+//! failure path of the host. The payload is a command, `name` or `name:argument`:
+//!
+//! | payload            | what the handler does                                               |
+//! |--------------------|---------------------------------------------------------------------|
+//! | `ok`               | succeeds                                                            |
+//! | `retry`            | asks for a retry on every attempt (ends dead-lettered)              |
+//! | `retry-until:N`    | asks for a retry until attempt N, then succeeds                     |
+//! | `retry-after:MS`   | asks for a retry after MS milliseconds on attempt 1, then succeeds  |
+//! | `reject`           | rejects the message (dead-lettered at once)                         |
+//! | `trap`             | panics (a trap) on every attempt                                    |
+//! | `trap-once`        | panics on attempt 1, then succeeds                                  |
+//! | `loop`             | spins forever (stopped by the host's timeout)                       |
+//! | `oom`              | allocates until memory runs out (stopped by the memory limit)       |
+//! | `recurse`          | recurses until the stack overflows                                  |
+//! | `sleep:MS`         | sleeps MS milliseconds (a host call, like waiting on I/O), succeeds |
+//! | `stdout:N`         | writes N bytes to stdout, succeeds                                  |
+//! | `publish:SUBJECT`  | publishes the payload to SUBJECT; a refusal rejects the message     |
+//! | `publish-many:N`   | publishes N messages to the `output-subject` setting, stops at the first refusal |
+//! | `publish-huge:N`   | publishes N bytes to the `output-subject` setting                   |
+//! | `kv:BUCKET`        | writes key `probe` in BUCKET; a refusal rejects the message         |
+//! | `sandbox`          | tries to read files, environment and the network; rejects with a   |
+//! |                    | report if anything was reachable, succeeds if nothing was           |
+//!
+//! Any other payload is rejected.
+
+use std::time::Duration;
+
+use mailroom_sdk::{config, kv, publish, Error, Message};
+
+fn handle(msg: Message) -> Result<(), Error> {
+    let text = msg.text()?.trim().to_owned();
+    let (command, arg) = match text.split_once(':') {
+        Some((command, arg)) => (command, arg),
+        None => (text.as_str(), ""),
+    };
+    let number = || -> Result<u64, Error> {
+        arg.parse()
+            .map_err(|_| Error::reject(format!("{command} needs a number, got {arg:?}")))
+    };
+    let attempt = u64::from(msg.attempt());
+    match command {
+        "ok" => Ok(()),
+        "retry" => Err(Error::retry(format!("flaky: retry requested on attempt {attempt}"))),
+        "retry-until" if attempt < number()? => {
+            Err(Error::retry(format!("flaky: failing until attempt {arg}")))
+        }
+        "retry-until" => Ok(()),
+        "retry-after" if attempt == 1 => Err(Error::retry_after(
+            "flaky: retry-after requested",
+            Duration::from_millis(number()?),
+        )),
+        "retry-after" => Ok(()),
+        "reject" => Err(Error::reject("flaky: rejected on purpose")),
+        "trap" => panic!("flaky: trap requested"),
+        "trap-once" if attempt == 1 => panic!("flaky: trap requested on attempt 1"),
+        "trap-once" => Ok(()),
+        "loop" => spin_forever(),
+        "oom" => exhaust_memory(),
+        "recurse" => {
+            let depth = recurse(std::hint::black_box(1));
+            Err(Error::reject(format!("flaky: recursion ended at {depth}")))
+        }
+        "sleep" => {
+            std::thread::sleep(Duration::from_millis(number()?));
+            Ok(())
+        }
+        "stdout" => {
+            use std::io::Write;
+            let line = [b'x'; 1023];
+            let mut left = number()? as usize;
+            let mut out = std::io::stdout().lock();
+            while left > 0 {
+                let n = left.min(1023);
+                // Output beyond the host's cap is dropped by the host, not refused, so this
+                // loop finishes.
+                let _ = out.write_all(&line[..n]);
+                let _ = out.write_all(b"\n");
+                left -= n;
+            }
+            Ok(())
+        }
+        "publish" => Ok(publish(arg, msg.payload())?),
+        "publish-many" => {
+            let output = config::require("output-subject")?;
+            for i in 0..number()? {
+                publish(&output, i.to_string())?;
+            }
+            Ok(())
+        }
+        "publish-huge" => {
+            let output = config::require("output-subject")?;
+            publish(&output, vec![b'h'; number()? as usize])?;
+            Ok(())
+        }
+        "kv" => {
+            kv::put(arg, "probe", b"1")?;
+            Ok(())
+        }
+        "sandbox" => sandbox_report(),
+        other => Err(Error::reject(format!("flaky: unknown command {other:?}"))),
+    }
+}
+
+fn spin_forever() -> ! {
+    let mut x = 0u64;
+    loop {
+        x = std::hint::black_box(x.wrapping_add(1));
+    }
+}
+
+fn exhaust_memory() -> Result<(), Error> {
+    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    loop {
+        // Touch every page so the memory is really used, not just reserved.
+        hoard.push(vec![1u8; 1 << 20]);
+        std::hint::black_box(&hoard);
+    }
+}
+
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    let buffer = std::hint::black_box([depth; 64]);
+    recurse(buffer[3] + 1) + buffer[5]
+}
+
+/// Tries every kind of ambient authority a program might expect and reports what worked.
+fn sandbox_report() -> Result<(), Error> {
+    let mut reachable = Vec::new();
+    for path in ["/etc/passwd", "/", ".", "/tmp"] {
+        if std::fs::metadata(path).is_ok() {
+            reachable.push(format!("file {path}"));
+        }
+    }
+    if std::fs::write("/tmp/mailroom-escape", b"x").is_ok() || std::fs::write("escape", b"x").is_ok() {
+        reachable.push("file write".to_owned());
+    }
+    let vars: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+    if !vars.is_empty() {
+        reachable.push(format!("environment {vars:?}"));
+    }
+    if std::env::args().count() > 0 {
+        reachable.push("arguments".to_owned());
+    }
+    if std::net::TcpStream::connect("127.0.0.1:4222").is_ok() {
+        reachable.push("tcp 127.0.0.1:4222".to_owned());
+    }
+    if std::net::UdpSocket::bind("0.0.0.0:0").is_ok() {
+        reachable.push("udp bind".to_owned());
+    }
+    if std::net::ToSocketAddrs::to_socket_addrs("localhost:80").is_ok() {
+        reachable.push("dns lookup".to_owned());
+    }
+    if reachable.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::reject(format!("sandbox reachable: {}", reachable.join(", "))))
+    }
+}
+
+mailroom_sdk::export!(handle);

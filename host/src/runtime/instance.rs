@@ -1,0 +1,327 @@
+//! One handler call: a fresh store and instance, limits, and the typed outcome.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Store, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::mailroom::handler::types::HandlerError;
+use super::module::HandlerModule;
+use super::stdio::{Capture, Captured};
+use super::GuestMessage;
+use crate::capabilities::{CallContext, PendingPublish};
+
+/// The limits every call of a handler runs under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Linear memory per instance, in bytes.
+    pub memory: usize,
+    /// Wall-clock time per call (enforced within one epoch tick).
+    pub timeout: Duration,
+    /// Bytes of stdout and stderr kept per call; the rest is dropped and counted.
+    pub output_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory: 64 << 20,
+            timeout: Duration::from_secs(30),
+            output_bytes: 64 << 10,
+        }
+    }
+}
+
+/// How a call ended. The consumer maps this to ack, nak with delay, or dead-letter and term.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// `handle` returned `ok`.
+    Success,
+    /// `handle` asked for another attempt.
+    Retry {
+        /// The handler's reason.
+        reason: String,
+        /// The delay it asked for, if any.
+        delay: Option<Duration>,
+    },
+    /// `handle` rejected the message for good.
+    Reject {
+        /// The handler's reason.
+        reason: String,
+    },
+    /// The call did not finish: a trap, a limit, or the instance could not be created.
+    /// Retryable, like `Retry` without a delay.
+    Failed(Failure),
+}
+
+/// Why a call did not finish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// What kind of failure.
+    pub kind: FailureKind,
+    /// A one-line explanation (for a panic, the panic message the guest printed).
+    pub reason: String,
+}
+
+/// Kinds of [`Failure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The guest trapped (a Rust panic is a trap).
+    Trap,
+    /// The guest tried to grow its memory past the limit.
+    OutOfMemory,
+    /// The guest overflowed its stack.
+    StackOverflow,
+    /// The call ran past its time limit and was stopped.
+    Timeout,
+    /// No instance could be created (for example, every pool slot was in use).
+    Instantiate,
+}
+
+impl FailureKind {
+    /// A short name for logs and headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Trap => "trap",
+            FailureKind::OutOfMemory => "out-of-memory",
+            FailureKind::StackOverflow => "stack-overflow",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Instantiate => "instantiate",
+        }
+    }
+}
+
+/// The result of one call.
+pub struct Invoked {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Publishes the call made, to confirm before acking (also present when it failed).
+    pub publishes: Vec<PendingPublish>,
+    /// How long the call took, instantiation included.
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Debug for Invoked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invoked")
+            .field("outcome", &self.outcome)
+            .field("publishes", &self.publishes.len())
+            .field("elapsed", &self.elapsed)
+            .finish()
+    }
+}
+
+/// The data of one call's store.
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    pub(crate) call: CallContext,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Refuses memory growth past the handler's limit and remembers that it did, so the failure
+/// is reported as out-of-memory rather than as the abort it causes in the guest.
+struct MemoryLimiter {
+    limit: usize,
+    denied: Option<usize>,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.denied = Some(desired);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+impl HandlerModule {
+    /// Runs one message in a fresh instance and reports how it ended.
+    ///
+    /// Never panics and never returns an error: every failure of the guest is an
+    /// [`Outcome::Failed`]. The guest's output is logged after the call.
+    pub async fn invoke(&self, msg: GuestMessage<'_>, stream: Arc<str>) -> Invoked {
+        let start = Instant::now();
+        let capture = Capture::new(self.limits.output_bytes);
+        let wasi = WasiCtxBuilder::new()
+            .stdout(capture.stdout())
+            .stderr(capture.stderr())
+            .build();
+        let state = HostState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                limit: self.limits.memory,
+                denied: None,
+            },
+            call: CallContext::new(self.caps.clone(), stream, msg.sequence),
+        };
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        // Yield to the async executor at every epoch tick: a guest computing for a long time
+        // then shares its thread with other tasks, and the timeout below gets a chance to fire.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
+
+        let call = async {
+            let handler = self
+                .pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|err| (true, err))?;
+            handler
+                .call_handle(&mut store, msg)
+                .await
+                .map_err(|err| (false, err))
+        };
+        let result = tokio::time::timeout(self.limits.timeout, call).await;
+        let captured = capture.take();
+        let state = store.into_data();
+        let outcome = match result {
+            Ok(Ok(Ok(()))) => Outcome::Success,
+            Ok(Ok(Err(HandlerError::Retry(info)))) => Outcome::Retry {
+                reason: info.reason,
+                delay: info.delay_ms.map(Duration::from_millis),
+            },
+            Ok(Ok(Err(HandlerError::Reject(reason)))) => Outcome::Reject { reason },
+            Ok(Err((instantiating, err))) => {
+                Outcome::Failed(classify(instantiating, &err, &state.limiter, &captured))
+            }
+            Err(_elapsed) => Outcome::Failed(Failure {
+                kind: FailureKind::Timeout,
+                reason: format!("stopped after the time limit of {:?}", self.limits.timeout),
+            }),
+        };
+        self.log_output(&captured);
+        Invoked {
+            outcome,
+            publishes: state.call.into_pending(),
+            elapsed: start.elapsed(),
+        }
+    }
+
+    fn log_output(&self, captured: &Captured) {
+        if !captured.stdout.is_empty() {
+            tracing::info!(
+                target: "mailroom::guest",
+                handler = %self.name,
+                stream = "stdout",
+                "{}",
+                String::from_utf8_lossy(&captured.stdout).trim_end()
+            );
+        }
+        if !captured.stderr.is_empty() {
+            tracing::warn!(
+                target: "mailroom::guest",
+                handler = %self.name,
+                stream = "stderr",
+                "{}",
+                String::from_utf8_lossy(&captured.stderr).trim_end()
+            );
+        }
+        if captured.dropped > 0 {
+            crate::telemetry::HandlerMetrics::incr(&self.caps.metrics.log_dropped);
+            tracing::warn!(
+                handler = %self.name,
+                dropped_bytes = captured.dropped,
+                "guest output over the {}-byte limit was dropped",
+                self.limits.output_bytes
+            );
+        }
+    }
+}
+
+fn classify(
+    instantiating: bool,
+    err: &wasmtime::Error,
+    limiter: &MemoryLimiter,
+    captured: &Captured,
+) -> Failure {
+    if let Some(desired) = limiter.denied {
+        return Failure {
+            kind: FailureKind::OutOfMemory,
+            reason: format!(
+                "memory limit of {} bytes exceeded (the guest asked for {desired})",
+                limiter.limit
+            ),
+        };
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::StackOverflow) => Failure {
+            kind: FailureKind::StackOverflow,
+            reason: "stack overflow".to_owned(),
+        },
+        Some(trap) => {
+            let panic = panic_message(&captured.stderr);
+            Failure {
+                kind: FailureKind::Trap,
+                reason: match panic {
+                    Some(panic) => format!("{trap}: {panic}"),
+                    None => trap.to_string(),
+                },
+            }
+        }
+        None if instantiating => Failure {
+            kind: FailureKind::Instantiate,
+            reason: format!("cannot instantiate: {err:#}"),
+        },
+        None => Failure {
+            kind: FailureKind::Trap,
+            reason: format!("{err:#}"),
+        },
+    }
+}
+
+/// The panic message a Rust guest printed to stderr, on one line, without the backtrace hint.
+fn panic_message(stderr: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(stderr);
+    let start = text.rfind("panicked at")?;
+    let message: Vec<&str> = text[start..]
+        .lines()
+        .filter(|line| !line.starts_with("note: run with `RUST_BACKTRACE"))
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    Some(message.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_message_is_one_line_without_the_hint() {
+        let stderr = b"\nthread '<unnamed>' panicked at src/lib.rs:80:20:\nflaky: trap requested\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n";
+        assert_eq!(
+            panic_message(stderr).as_deref(),
+            Some("panicked at src/lib.rs:80:20: flaky: trap requested")
+        );
+        assert_eq!(panic_message(b"just output"), None);
+    }
+}

@@ -1,0 +1,158 @@
+//! Counters and gauges the host keeps per handler, and their Prometheus text rendering.
+//!
+//! Counters are relaxed atomics: they are incremented on the message path, read rarely, and
+//! need no ordering with anything else. Only the binary installs a tracing subscriber; this
+//! module never does.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+/// Live counters of one handler.
+#[derive(Debug, Default)]
+pub struct HandlerMetrics {
+    /// Deliveries received from JetStream (every attempt counts).
+    pub received: AtomicU64,
+    /// Deliveries with attempt > 1 (redelivered by JetStream or retried).
+    pub redelivered: AtomicU64,
+    /// Messages acked after success.
+    pub succeeded: AtomicU64,
+    /// Failed attempts that will be retried (nak with delay, or retried in place).
+    pub retried: AtomicU64,
+    /// Messages written to the dead-letter subject (or terminated without one).
+    pub dead_lettered: AtomicU64,
+    /// Attempts that ended in a trap (panic, out of memory, stack overflow, ...).
+    pub traps: AtomicU64,
+    /// Attempts stopped by the time limit.
+    pub timeouts: AtomicU64,
+    /// Publishes confirmed for successful messages.
+    pub published: AtomicU64,
+    /// Capability calls refused by a grant.
+    pub denied: AtomicU64,
+    /// Progress acks (`+WPI`) sent to keep long-running or waiting messages alive.
+    pub progress_acks: AtomicU64,
+    /// Acks, naks or terms that could not be sent (the message will be redelivered).
+    pub ack_failures: AtomicU64,
+    /// Log records and guest output dropped over the per-message budget.
+    pub log_dropped: AtomicU64,
+    /// Messages received and not yet settled.
+    pub in_flight: AtomicI64,
+}
+
+/// A point-in-time copy of [`HandlerMetrics`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct MetricsSnapshot {
+    /// See [`HandlerMetrics::received`].
+    pub received: u64,
+    /// See [`HandlerMetrics::redelivered`].
+    pub redelivered: u64,
+    /// See [`HandlerMetrics::succeeded`].
+    pub succeeded: u64,
+    /// See [`HandlerMetrics::retried`].
+    pub retried: u64,
+    /// See [`HandlerMetrics::dead_lettered`].
+    pub dead_lettered: u64,
+    /// See [`HandlerMetrics::traps`].
+    pub traps: u64,
+    /// See [`HandlerMetrics::timeouts`].
+    pub timeouts: u64,
+    /// See [`HandlerMetrics::published`].
+    pub published: u64,
+    /// See [`HandlerMetrics::denied`].
+    pub denied: u64,
+    /// See [`HandlerMetrics::progress_acks`].
+    pub progress_acks: u64,
+    /// See [`HandlerMetrics::ack_failures`].
+    pub ack_failures: u64,
+    /// See [`HandlerMetrics::log_dropped`].
+    pub log_dropped: u64,
+    /// See [`HandlerMetrics::in_flight`].
+    pub in_flight: i64,
+}
+
+impl HandlerMetrics {
+    /// Adds one to `counter`.
+    pub fn incr(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Copies every counter.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            received: get(&self.received),
+            redelivered: get(&self.redelivered),
+            succeeded: get(&self.succeeded),
+            retried: get(&self.retried),
+            dead_lettered: get(&self.dead_lettered),
+            traps: get(&self.traps),
+            timeouts: get(&self.timeouts),
+            published: get(&self.published),
+            denied: get(&self.denied),
+            progress_acks: get(&self.progress_acks),
+            ack_failures: get(&self.ack_failures),
+            log_dropped: get(&self.log_dropped),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The metrics of every handler of a host, by handler name.
+#[derive(Debug, Default, Clone)]
+pub struct Metrics {
+    handlers: Vec<(String, Arc<HandlerMetrics>)>,
+}
+
+impl Metrics {
+    /// Registers `name` and returns its counters (the same ones if registered before).
+    pub fn handler(&mut self, name: &str) -> Arc<HandlerMetrics> {
+        if let Some((_, m)) = self.handlers.iter().find(|(n, _)| n == name) {
+            return m.clone();
+        }
+        let m = Arc::new(HandlerMetrics::default());
+        self.handlers.push((name.to_owned(), m.clone()));
+        m
+    }
+
+    /// Snapshots of every handler, in registration order.
+    pub fn snapshot(&self) -> Vec<(String, MetricsSnapshot)> {
+        self.handlers
+            .iter()
+            .map(|(n, m)| (n.clone(), m.snapshot()))
+            .collect()
+    }
+
+    /// The counters in Prometheus text exposition format.
+    pub fn render_prometheus(&self) -> String {
+        let snapshots = self.snapshot();
+        let mut out = String::new();
+        let series: [(&str, &str, fn(&MetricsSnapshot) -> i64); 13] = [
+            ("received_total", "counter", |s| s.received as i64),
+            ("redelivered_total", "counter", |s| s.redelivered as i64),
+            ("succeeded_total", "counter", |s| s.succeeded as i64),
+            ("retried_total", "counter", |s| s.retried as i64),
+            ("dead_lettered_total", "counter", |s| s.dead_lettered as i64),
+            ("traps_total", "counter", |s| s.traps as i64),
+            ("timeouts_total", "counter", |s| s.timeouts as i64),
+            ("published_total", "counter", |s| s.published as i64),
+            ("denied_total", "counter", |s| s.denied as i64),
+            ("progress_acks_total", "counter", |s| s.progress_acks as i64),
+            ("ack_failures_total", "counter", |s| s.ack_failures as i64),
+            ("log_dropped_total", "counter", |s| s.log_dropped as i64),
+            ("in_flight", "gauge", |s| s.in_flight),
+        ];
+        for (name, kind, get) in series {
+            let _ = writeln!(out, "# TYPE mailroom_{name} {kind}");
+            for (handler, snapshot) in &snapshots {
+                let _ = writeln!(
+                    out,
+                    "mailroom_{name}{{handler=\"{handler}\"}} {}",
+                    get(snapshot)
+                );
+            }
+        }
+        out
+    }
+}
