@@ -132,7 +132,10 @@ mod tests {
         assert_eq!(p.delay_with(2, 1.0), Duration::from_secs(3));
         for _ in 0..100 {
             let d = p.delay(2);
-            assert!(d >= Duration::from_secs(1) && d <= Duration::from_secs(3), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(3),
+                "{d:?}"
+            );
         }
     }
 

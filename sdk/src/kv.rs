@@ -63,12 +63,18 @@ impl fmt::Display for KvError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KvError::Denied { bucket } => {
-                write!(f, "KV bucket {bucket} denied: not in this handler's kv.allow")
+                write!(
+                    f,
+                    "KV bucket {bucket} denied: not in this handler's kv.allow"
+                )
             }
             KvError::NoSuchBucket { bucket } => write!(f, "no KV bucket named {bucket}"),
             KvError::InvalidKey { key } => write!(f, "invalid KV key {key:?}"),
             KvError::TooLarge { limit } => {
-                write!(f, "KV value too large: the server accepts at most {limit} bytes")
+                write!(
+                    f,
+                    "KV value too large: the server accepts at most {limit} bytes"
+                )
             }
             KvError::Unavailable { reason } => write!(f, "KV unavailable: {reason}"),
         }

@@ -163,7 +163,7 @@ macro_rules! export {
                 }
             }
 
-            $crate::wit::__export_handler_world!(MailroomHandlerExport with_types_in $crate::wit);
+    $crate::wit::__export_handler_world!(MailroomHandlerExport with_types_in $crate::wit);
         };
     };
 }

@@ -172,7 +172,10 @@ mod tests {
             .with_header("Trace-Id", "b")
             .with_header("Other", "c");
         assert_eq!(msg.header("trace-id"), Some("a"));
-        assert_eq!(msg.header_values("TRACE-ID").collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            msg.header_values("TRACE-ID").collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         assert_eq!(
             msg.headers().collect::<Vec<_>>(),
             [("Trace-Id", "a"), ("Trace-Id", "b"), ("Other", "c")]

@@ -51,13 +51,22 @@ impl fmt::Display for PublishError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PublishError::Denied { subject } => {
-                write!(f, "publish to {subject} denied: not in this handler's publish.allow")
+                write!(
+                    f,
+                    "publish to {subject} denied: not in this handler's publish.allow"
+                )
             }
             PublishError::TooLarge { limit } => {
-                write!(f, "message too large: the server accepts at most {limit} bytes")
+                write!(
+                    f,
+                    "message too large: the server accepts at most {limit} bytes"
+                )
             }
             PublishError::LimitReached { limit } => {
-                write!(f, "publish limit reached: at most {limit} publishes per message")
+                write!(
+                    f,
+                    "publish limit reached: at most {limit} publishes per message"
+                )
             }
             PublishError::InvalidSubject { subject } => {
                 write!(f, "invalid subject {subject:?}")

@@ -11,7 +11,10 @@ fn handle(msg: Message) -> Result<(), Error> {
 
     let amount_cents = order.get("amount_cents").and_then(Value::as_u64);
     if let Some(cents) = amount_cents {
-        order.insert("amount".into(), json!(format!("{}.{:02}", cents / 100, cents % 100)));
+        order.insert(
+            "amount".into(),
+            json!(format!("{}.{:02}", cents / 100, cents % 100)),
+        );
         let tier = match cents {
             0..=9_999 => "small",
             10_000..=99_999 => "medium",

@@ -41,7 +41,9 @@ fn handle(msg: Message) -> Result<(), Error> {
     let attempt = u64::from(msg.attempt());
     match command {
         "ok" => Ok(()),
-        "retry" => Err(Error::retry(format!("flaky: retry requested on attempt {attempt}"))),
+        "retry" => Err(Error::retry(format!(
+            "flaky: retry requested on attempt {attempt}"
+        ))),
         "retry-until" if attempt < number()? => {
             Err(Error::retry(format!("flaky: failing until attempt {arg}")))
         }
@@ -132,7 +134,9 @@ fn sandbox_report() -> Result<(), Error> {
             reachable.push(format!("file {path}"));
         }
     }
-    if std::fs::write("/tmp/mailroom-escape", b"x").is_ok() || std::fs::write("escape", b"x").is_ok() {
+    if std::fs::write("/tmp/mailroom-escape", b"x").is_ok()
+        || std::fs::write("escape", b"x").is_ok()
+    {
         reachable.push("file write".to_owned());
     }
     let vars: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
@@ -154,7 +158,10 @@ fn sandbox_report() -> Result<(), Error> {
     if reachable.is_empty() {
         Ok(())
     } else {
-        Err(Error::reject(format!("sandbox reachable: {}", reachable.join(", "))))
+        Err(Error::reject(format!(
+            "sandbox reachable: {}",
+            reachable.join(", ")
+        )))
     }
 }
 

@@ -353,15 +353,24 @@ mod tests {
         let backend = Arc::new(MemoryBackend::new(100));
         let caps = caps(backend.clone());
         let mut call = CallContext::new(caps.clone(), "S".into(), 7);
-        let denied = call.publish("secret.x".into(), vec![], vec![]).await.unwrap();
+        let denied = call
+            .publish("secret.x".into(), vec![], vec![])
+            .await
+            .unwrap();
         assert!(matches!(denied, Err(PublishError::Denied(s)) if s == "secret.x"));
         assert_eq!(caps.metrics.snapshot().denied, 1);
         let invalid = call.publish("out.*".into(), vec![], vec![]).await.unwrap();
         assert!(matches!(invalid, Err(PublishError::InvalidSubject(_))));
-        let big = call.publish("out.a".into(), vec![0; 200], vec![]).await.unwrap();
+        let big = call
+            .publish("out.a".into(), vec![0; 200], vec![])
+            .await
+            .unwrap();
         assert!(matches!(big, Err(PublishError::TooLarge(100))));
         // The oversized publish used up index 0: ids stay tied to the call order.
-        call.publish("out.a".into(), b"1".to_vec(), vec![]).await.unwrap().unwrap();
+        call.publish("out.a".into(), b"1".to_vec(), vec![])
+            .await
+            .unwrap()
+            .unwrap();
         let limited = call.publish("out.b".into(), vec![], vec![]).await.unwrap();
         assert!(matches!(limited, Err(PublishError::LimitReached(2))));
         assert_eq!(call.publish_count(), 2);
@@ -391,13 +400,19 @@ mod tests {
                 values: vec!["1".into(), "2".into()],
             },
         ];
-        call.publish("out.a".into(), vec![], headers).await.unwrap().unwrap();
+        call.publish("out.a".into(), vec![], headers)
+            .await
+            .unwrap()
+            .unwrap();
         match &backend.recorded()[0] {
             Recorded::Publish(out) => {
                 assert_eq!(out.msg_id, "mine");
                 assert_eq!(
                     out.headers,
-                    [("X".to_owned(), "1".to_owned()), ("X".to_owned(), "2".to_owned())]
+                    [
+                        ("X".to_owned(), "1".to_owned()),
+                        ("X".to_owned(), "2".to_owned())
+                    ]
                 );
             }
             other => panic!("unexpected {other:?}"),
@@ -411,15 +426,36 @@ mod tests {
         let mut call = CallContext::new(caps(backend), "S".into(), 1);
         let denied = call.get("secrets".into(), "k".into()).await.unwrap();
         assert!(matches!(denied, Err(KvError::Denied(b)) if b == "secrets"));
-        let bad = call.put("counts".into(), "a b".into(), vec![]).await.unwrap();
+        let bad = call
+            .put("counts".into(), "a b".into(), vec![])
+            .await
+            .unwrap();
         assert!(matches!(bad, Err(KvError::InvalidKey(_))));
-        assert_eq!(call.put("counts".into(), "a".into(), b"1".to_vec()).await.unwrap().unwrap(), 1);
         assert_eq!(
-            call.get("counts".into(), "a".into()).await.unwrap().unwrap(),
+            call.put("counts".into(), "a".into(), b"1".to_vec())
+                .await
+                .unwrap()
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            call.get("counts".into(), "a".into())
+                .await
+                .unwrap()
+                .unwrap(),
             Some(b"1".to_vec())
         );
-        call.delete("counts".into(), "a".into()).await.unwrap().unwrap();
-        assert_eq!(call.get("counts".into(), "a".into()).await.unwrap().unwrap(), None);
+        call.delete("counts".into(), "a".into())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            call.get("counts".into(), "a".into())
+                .await
+                .unwrap()
+                .unwrap(),
+            None
+        );
     }
 
     #[test]

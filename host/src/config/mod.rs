@@ -228,7 +228,10 @@ fn convert(raw: raw::RawConfig, base: &Path) -> anyhow::Result<Config> {
     let mut handlers = Vec::new();
     for h in raw.handlers {
         if !names.insert(h.name.clone()) {
-            bail!("two handlers are named {:?}; handler names must be unique", h.name);
+            bail!(
+                "two handlers are named {:?}; handler names must be unique",
+                h.name
+            );
         }
         handlers.push(convert_handler(h, &resolve)?);
     }
@@ -241,7 +244,10 @@ fn convert(raw: raw::RawConfig, base: &Path) -> anyhow::Result<Config> {
     })
 }
 
-fn convert_nats(n: raw::RawNats, resolve: &dyn Fn(PathBuf) -> PathBuf) -> anyhow::Result<NatsConfig> {
+fn convert_nats(
+    n: raw::RawNats,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> anyhow::Result<NatsConfig> {
     let user_password = match (n.user, n.password) {
         (Some(u), Some(p)) => Some((u, p)),
         (None, None) => None,
@@ -272,9 +278,13 @@ fn convert_nats(n: raw::RawNats, resolve: &dyn Fn(PathBuf) -> PathBuf) -> anyhow
     })
 }
 
-fn convert_host(h: raw::RawHost, resolve: &dyn Fn(PathBuf) -> PathBuf) -> anyhow::Result<HostConfig> {
+fn convert_host(
+    h: raw::RawHost,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> anyhow::Result<HostConfig> {
     let ctx = "host";
-    let epoch_tick = opt_duration(ctx, "epoch_tick", h.epoch_tick)?.unwrap_or(Duration::from_millis(10));
+    let epoch_tick =
+        opt_duration(ctx, "epoch_tick", h.epoch_tick)?.unwrap_or(Duration::from_millis(10));
     if epoch_tick < Duration::from_millis(1) || epoch_tick > Duration::from_secs(1) {
         bail!("host: epoch_tick must be between 1ms and 1s, got {epoch_tick:?}");
     }
@@ -392,14 +402,18 @@ fn convert_retry(ctx: &str, r: raw::RawRetry) -> anyhow::Result<RetryPolicy> {
     let backoff = match r.backoff {
         Some(list) => {
             if r.initial.is_some() || r.max.is_some() || r.multiplier.is_some() {
-                bail!("{ctx}: retry.backoff (a list) cannot be combined with initial/max/multiplier");
+                bail!(
+                    "{ctx}: retry.backoff (a list) cannot be combined with initial/max/multiplier"
+                );
             }
             if list.is_empty() {
                 bail!("{ctx}: retry.backoff is empty; give at least one delay, e.g. [\"1s\", \"10s\"]");
             }
             let delays = list
                 .iter()
-                .map(|d| parse_duration(d).map_err(|e| anyhow::anyhow!("{ctx}: retry.backoff: {e}")))
+                .map(|d| {
+                    parse_duration(d).map_err(|e| anyhow::anyhow!("{ctx}: retry.backoff: {e}"))
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             Backoff::List(delays)
         }

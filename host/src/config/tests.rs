@@ -27,7 +27,10 @@ fn minimal_config_gets_defaults() {
     assert_eq!(h.ack_wait, Duration::from_secs(30));
     assert_eq!(h.retry, RetryPolicy::default());
     assert_eq!(h.limits, Limits::default());
-    assert!(h.publish_allow.is_empty(), "nothing is granted unless configured");
+    assert!(
+        h.publish_allow.is_empty(),
+        "nothing is granted unless configured"
+    );
     assert!(h.kv_allow.is_empty());
 }
 
@@ -70,8 +73,14 @@ config = { output-subject = "enriched.orders" }
 "#,
     )
     .unwrap();
-    assert_eq!(c.nats.credentials, Some(PathBuf::from("/etc/mailroom/user.creds")));
-    assert_eq!(c.nats.tls.as_ref().unwrap().ca, Some(PathBuf::from("/pki/ca.pem")));
+    assert_eq!(
+        c.nats.credentials,
+        Some(PathBuf::from("/etc/mailroom/user.creds"))
+    );
+    assert_eq!(
+        c.nats.tls.as_ref().unwrap().ca,
+        Some(PathBuf::from("/pki/ca.pem"))
+    );
     assert!(c.host.cache_dir.is_none());
     assert_eq!(c.streams[0].duplicate_window, Duration::from_secs(300));
     assert!(c.buckets[0].memory_storage);
@@ -103,17 +112,44 @@ fn unknown_fields_are_named() {
 #[test]
 fn bad_values_name_handler_and_field() {
     let cases = [
-        ("ack_wait = \"soon\"", "handler \"enrich\": ack_wait: \"soon\" is not a duration"),
+        (
+            "ack_wait = \"soon\"",
+            "handler \"enrich\": ack_wait: \"soon\" is not a duration",
+        ),
         ("concurrency = 0", "concurrency must be between 1 and 4096"),
-        ("dead_letter = \"dlq.*\"", "dead_letter: \"dlq.*\" contains the wildcard"),
-        ("limits = { memory = \"lots\" }", "limits.memory: \"lots\" is not a size"),
-        ("limits = { memory = \"100KiB\" }", "limits.memory must be between 1MiB and 4GiB"),
-        ("retry = { max_attempts = 0 }", "retry.max_attempts must be at least 1"),
+        (
+            "dead_letter = \"dlq.*\"",
+            "dead_letter: \"dlq.*\" contains the wildcard",
+        ),
+        (
+            "limits = { memory = \"lots\" }",
+            "limits.memory: \"lots\" is not a size",
+        ),
+        (
+            "limits = { memory = \"100KiB\" }",
+            "limits.memory must be between 1MiB and 4GiB",
+        ),
+        (
+            "retry = { max_attempts = 0 }",
+            "retry.max_attempts must be at least 1",
+        ),
         ("retry = { backoff = [] }", "retry.backoff is empty"),
-        ("retry = { backoff = [\"1s\"], initial = \"1s\" }", "cannot be combined"),
-        ("retry = { initial = \"10s\", max = \"1s\" }", "retry.max (1s) is below retry.initial"),
-        ("publish = { allow = [\"a..b\"] }", "publish.allow: \"a..b\" has an empty token"),
-        ("consumer = \"my.consumer\"", "consumer name \"my.consumer\" is not valid"),
+        (
+            "retry = { backoff = [\"1s\"], initial = \"1s\" }",
+            "cannot be combined",
+        ),
+        (
+            "retry = { initial = \"10s\", max = \"1s\" }",
+            "retry.max (1s) is below retry.initial",
+        ),
+        (
+            "publish = { allow = [\"a..b\"] }",
+            "publish.allow: \"a..b\" has an empty token",
+        ),
+        (
+            "consumer = \"my.consumer\"",
+            "consumer name \"my.consumer\" is not valid",
+        ),
     ];
     for (line, expected) in cases {
         let err = error(&format!("{MINIMAL}{line}\n"));
@@ -126,11 +162,15 @@ fn structural_errors() {
     assert!(error("").contains("no handlers"));
     let twice = format!("{MINIMAL}{MINIMAL}");
     assert!(error(&twice).contains("two handlers are named \"enrich\""));
-    let err = error(&format!("[nats]\ntoken = \"t\"\nuser = \"u\"\npassword = \"p\"\n{MINIMAL}"));
+    let err = error(&format!(
+        "[nats]\ntoken = \"t\"\nuser = \"u\"\npassword = \"p\"\n{MINIMAL}"
+    ));
     assert!(err.contains("choose one of"), "{err}");
     let err = error(&format!("[nats]\nuser = \"u\"\n{MINIMAL}"));
     assert!(err.contains("user and password go together"), "{err}");
-    let err = error(&format!("[[stream]]\nname = \"S\"\nsubjects = []\n{MINIMAL}"));
+    let err = error(&format!(
+        "[[stream]]\nname = \"S\"\nsubjects = []\n{MINIMAL}"
+    ));
     assert!(err.contains("stream \"S\": subjects is empty"), "{err}");
     let err = error("[[handler]]\nname = \"x\"\n");
     assert!(err.contains("missing field `module`"), "{err}");
@@ -138,7 +178,10 @@ fn structural_errors() {
 
 #[test]
 fn secrets_are_not_in_debug_output() {
-    let c = parse(&format!("[nats]\nuser = \"alice\"\npassword = \"hunter2\"\n{MINIMAL}")).unwrap();
+    let c = parse(&format!(
+        "[nats]\nuser = \"alice\"\npassword = \"hunter2\"\n{MINIMAL}"
+    ))
+    .unwrap();
     let shown = format!("{:?}", c.nats);
     assert!(shown.contains("alice"));
     assert!(!shown.contains("hunter2"), "{shown}");

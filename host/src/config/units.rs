@@ -17,7 +17,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(split);
-    let explain = || format!("{text:?} is not a size; write e.g. \"64MiB\", \"512KiB\", \"1000000\"");
+    let explain =
+        || format!("{text:?} is not a size; write e.g. \"64MiB\", \"512KiB\", \"1000000\"");
     let number: u64 = number.parse().map_err(|_| explain())?;
     let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -39,7 +40,10 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(parse_duration(" 250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            parse_duration(" 250ms").unwrap(),
+            Duration::from_millis(250)
+        );
         assert_eq!(parse_duration("1m 30s").unwrap(), Duration::from_secs(90));
         let err = parse_duration("five seconds").unwrap_err();
         assert!(err.contains("\"five seconds\" is not a duration"), "{err}");
@@ -51,7 +55,9 @@ mod tests {
         assert_eq!(parse_size("512 KiB").unwrap(), 512 << 10);
         assert_eq!(parse_size("1000").unwrap(), 1000);
         assert_eq!(parse_size("2MB").unwrap(), 2_000_000);
-        assert!(parse_size("12 parsecs").unwrap_err().contains("is not a size"));
+        assert!(parse_size("12 parsecs")
+            .unwrap_err()
+            .contains("is not a size"));
         assert!(parse_size("MiB").is_err());
         assert!(parse_size("99999999999999GiB").is_err());
     }

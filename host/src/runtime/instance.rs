@@ -233,7 +233,7 @@ impl HandlerModule {
                 handler = %self.name,
                 stream = "stdout",
                 "{}",
-                String::from_utf8_lossy(&captured.stdout).trim_end()
+                excerpt(&captured.stdout)
             );
         }
         if !captured.stderr.is_empty() {
@@ -242,7 +242,7 @@ impl HandlerModule {
                 handler = %self.name,
                 stream = "stderr",
                 "{}",
-                String::from_utf8_lossy(&captured.stderr).trim_end()
+                excerpt(&captured.stderr)
             );
         }
         if captured.dropped > 0 {
@@ -295,6 +295,18 @@ fn classify(
             kind: FailureKind::Trap,
             reason: format!("{err:#}"),
         },
+    }
+}
+
+/// At most 4 KiB of captured output for one log record; the whole is still counted.
+fn excerpt(bytes: &[u8]) -> String {
+    const MAX: usize = 4096;
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX)]);
+    let text = text.trim_end();
+    if bytes.len() > MAX {
+        format!("{text}… ({} more bytes)", bytes.len() - MAX)
+    } else {
+        text.to_owned()
     }
 }
 

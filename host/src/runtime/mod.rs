@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use wasmtime::component::{HasSelf, Linker};
-use wasmtime::{Config, Engine, Enabled, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::capabilities::CallContext;
 
@@ -124,7 +124,7 @@ fn engine_config(config: &RuntimeConfig) -> Config {
 }
 
 /// Advances the engine's epoch on a dedicated thread until dropped.
-struct EpochTicker {
+pub(crate) struct EpochTicker {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }

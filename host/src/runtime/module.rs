@@ -19,6 +19,9 @@ pub struct HandlerModule {
     pub(super) pre: HandlerPre<HostState>,
     pub(super) limits: Limits,
     pub(super) caps: Arc<HandlerCaps>,
+    /// Keeps the engine's epoch ticking for as long as the module can run: without it time
+    /// limits never fire and a spinning guest never yields its thread.
+    pub(super) _ticker: Arc<super::EpochTicker>,
 }
 
 impl std::fmt::Debug for HandlerModule {
@@ -84,6 +87,7 @@ impl Runtime {
             pre,
             limits,
             caps,
+            _ticker: self._ticker.clone(),
         })
     }
 
