@@ -48,6 +48,8 @@ pub struct InvokeReport {
     pub invoked: Invoked,
     /// Every publish and KV call, in order.
     pub calls: Vec<Recorded>,
+    /// Refusals and drops counted during the call.
+    pub metrics: crate::telemetry::MetricsSnapshot,
 }
 
 impl InvokeReport {
@@ -97,6 +99,7 @@ pub async fn invoke(req: InvokeRequest) -> anyhow::Result<InvokeReport> {
     for (bucket, key, value) in &req.kv_seed {
         backend.seed(bucket, key, value.clone());
     }
+    let metrics = Arc::new(HandlerMetrics::default());
     let caps = Arc::new(HandlerCaps {
         name: name.clone().into(),
         grants,
@@ -104,7 +107,7 @@ pub async fn invoke(req: InvokeRequest) -> anyhow::Result<InvokeReport> {
         max_publishes,
         log_budget,
         backend: backend.clone(),
-        metrics: Arc::new(HandlerMetrics::default()),
+        metrics: metrics.clone(),
     });
     let module = runtime.load_handler(&req.module, limits, caps)?;
 
@@ -141,6 +144,7 @@ pub async fn invoke(req: InvokeRequest) -> anyhow::Result<InvokeReport> {
         handler: name,
         invoked,
         calls: backend.recorded(),
+        metrics: metrics.snapshot(),
     })
 }
 
@@ -192,6 +196,17 @@ impl fmt::Display for InvokeReport {
             describe(&self.invoked.outcome),
             self.invoked.elapsed
         )?;
+        let m = &self.metrics;
+        if m.denied > 0 {
+            writeln!(f, "  {} call(s) denied by the handler's grants", m.denied)?;
+        }
+        if m.log_dropped > 0 {
+            writeln!(
+                f,
+                "  output over the log budget was dropped ({} time(s))",
+                m.log_dropped
+            )?;
+        }
         for call in &self.calls {
             match call {
                 Recorded::Publish(out) => {

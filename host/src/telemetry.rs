@@ -99,6 +99,9 @@ impl HandlerMetrics {
     }
 }
 
+/// One exported series: name, Prometheus type, and how to read it from a snapshot.
+type Series = (&'static str, &'static str, fn(&MetricsSnapshot) -> i64);
+
 /// The metrics of every handler of a host, by handler name.
 #[derive(Debug, Default, Clone)]
 pub struct Metrics {
@@ -128,7 +131,7 @@ impl Metrics {
     pub fn render_prometheus(&self) -> String {
         let snapshots = self.snapshot();
         let mut out = String::new();
-        let series: [(&str, &str, fn(&MetricsSnapshot) -> i64); 13] = [
+        let series: [Series; 13] = [
             ("received_total", "counter", |s| s.received as i64),
             ("redelivered_total", "counter", |s| s.redelivered as i64),
             ("succeeded_total", "counter", |s| s.succeeded as i64),

@@ -95,6 +95,7 @@ pub use publish::{publish, publish_with_headers, PublishError};
 /// Generated bindings for the `mailroom:handler` WIT world. Not a stable API: use the
 /// hand-written items of this crate instead.
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
 pub mod wit {
     wit_bindgen::generate!({
         path: "../wit",

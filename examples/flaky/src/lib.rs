@@ -16,6 +16,8 @@
 //! | `sleep:MS`         | sleeps MS milliseconds (a host call, like waiting on I/O), succeeds |
 //! | `stdout:N`         | writes N bytes to stdout, succeeds                                  |
 //! | `publish:SUBJECT`  | publishes the payload to SUBJECT; a refusal rejects the message     |
+//! | `publish-then-retry:SUBJECT` | publishes the payload to SUBJECT, then asks for a retry on |
+//! |                    | attempt 1 (succeeds later): shows that the re-run's publish is deduplicated |
 //! | `publish-many:N`   | publishes N messages to the `output-subject` setting, stops at the first refusal |
 //! | `publish-huge:N`   | publishes N bytes to the `output-subject` setting                   |
 //! | `kv:BUCKET`        | writes key `probe` in BUCKET; a refusal rejects the message         |
@@ -83,6 +85,14 @@ fn handle(msg: Message) -> Result<(), Error> {
             Ok(())
         }
         "publish" => Ok(publish(arg, msg.payload())?),
+        "publish-then-retry" => {
+            publish(arg, msg.payload())?;
+            if attempt == 1 {
+                Err(Error::retry("flaky: published, then failed"))
+            } else {
+                Ok(())
+            }
+        }
         "publish-many" => {
             let output = config::require("output-subject")?;
             for i in 0..number()? {

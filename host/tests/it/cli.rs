@@ -1,0 +1,236 @@
+//! The `mailroom` binary: validate, invoke, and run with a SIGTERM under load.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{target_dir, wasm, Env};
+
+fn mailroom() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mailroom"));
+    cmd.env(
+        "XDG_CACHE_HOME",
+        target_dir().join("mailroom-test-cache-cli"),
+    )
+    .env("MAILROOM_LOG", "warn");
+    cmd
+}
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = dir.path().join("mailroom.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn handler_config(module: &std::path::Path) -> String {
+    format!(
+        r#"[[stream]]
+name = "JOBS"
+subjects = ["jobs.>"]
+
+[[handler]]
+name = "flaky"
+module = "{}"
+stream = "JOBS"
+concurrency = 8
+"#,
+        module.display()
+    )
+}
+
+#[test]
+fn validate_accepts_a_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, &handler_config(&wasm("flaky")));
+    let out = mailroom()
+        .arg("validate")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("is valid"), "{stdout}");
+    assert!(stdout.contains("handler flaky"), "{stdout}");
+}
+
+#[test]
+fn validate_names_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let bogus = dir.path().join("notes.wasm");
+    std::fs::write(&bogus, "just text").unwrap();
+    let cases = [
+        (
+            format!("{}concurency = 4\n", handler_config(&wasm("flaky"))),
+            "unknown field `concurency`".to_owned(),
+        ),
+        (
+            handler_config(&dir.path().join("missing.wasm")),
+            format!(
+                "cannot read module {}",
+                dir.path().join("missing.wasm").display()
+            ),
+        ),
+        (
+            handler_config(&bogus),
+            format!("module {} is not WebAssembly", bogus.display()),
+        ),
+    ];
+    for (text, expected) in cases {
+        let config = write_config(&dir, &text);
+        let out = mailroom()
+            .arg("validate")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted:\n{text}");
+        assert!(
+            stderr.contains(&expected),
+            "expected {expected:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn invoke_prints_the_publishes_and_the_outcome() {
+    let out = mailroom()
+        .args(["invoke"])
+        .arg(wasm("enrich"))
+        .args([
+            "--subject",
+            "orders.eu",
+            "--data",
+            r#"{"id":7,"amount_cents":250000}"#,
+        ])
+        .args([
+            "--setting",
+            "output-subject=enriched.orders",
+            "-H",
+            "Trace-Id=abc",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("handler enrich: ok (the host would ack the message)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("publish enriched.orders (Nats-Msg-Id enrich:LOCAL:1:0)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(r#""tier":"large""#), "{stdout}");
+
+    let out = mailroom()
+        .args(["invoke"])
+        .arg(wasm("flaky"))
+        .args(["-s", "jobs.x", "-d", "reject"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert!(
+        stdout.contains("reject: flaky: rejected on purpose"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_and_exits_zero_leaving_nothing_for_ack_wait() {
+    let env = Env::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        &format!(
+            "[host]\ndrain_timeout = \"20s\"\n{}",
+            handler_config(&wasm("flaky"))
+        ),
+    );
+    let log = std::fs::File::create(dir.path().join("host.log")).unwrap();
+    let mut child = mailroom()
+        .env("MAILROOM_LOG", "info")
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--nats-url")
+        .arg(env.server.url())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+
+    // Wait for the host to create its consumer, then load it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.js.get_stream("JOBS").await.is_err()
+        || env
+            .js
+            .get_stream("JOBS")
+            .await
+            .unwrap()
+            .consumer_info("flaky")
+            .await
+            .is_err()
+    {
+        assert!(Instant::now() < deadline, "host did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    const TOTAL: u64 = 400;
+    for _ in 0..TOTAL {
+        env.publish("jobs.slow", "sleep:20").await;
+    }
+    loop {
+        let info = env.consumer_info("JOBS", "flaky").await;
+        if info.ack_floor.stream_sequence >= 40 {
+            assert!(info.num_ack_pending > 0, "nothing in flight at the signal");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let signalled = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let log = std::fs::read_to_string(dir.path().join("host.log")).unwrap();
+    assert!(exit.success(), "exit {exit:?}\n{log}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        signalled.elapsed()
+    );
+    assert!(log.contains("SIGTERM received; draining"), "{log}");
+
+    let info = env.consumer_info("JOBS", "flaky").await;
+    assert_eq!(
+        info.num_ack_pending, 0,
+        "a message was left waiting for AckWait\n{log}"
+    );
+    assert!(
+        info.num_pending > 0,
+        "the drain should have handed messages back"
+    );
+
+    // Another host takes the rest; in the end every message is acked, none lost.
+    let mut cfg = env.config(&handler_config(&wasm("flaky")));
+    cfg.host.drain_timeout = Duration::from_secs(10);
+    let host = env.start(cfg).await;
+    let info = env.settled("JOBS", "flaky", Duration::from_secs(60)).await;
+    assert_eq!(info.ack_floor.stream_sequence, TOTAL);
+    host.stop().await;
+}

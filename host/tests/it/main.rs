@@ -1,0 +1,6 @@
+//! Integration tests: the host against real nats-server processes, and the CLI binary.
+
+mod cli;
+mod end_to_end;
+mod sandbox;
+mod support;
