@@ -262,6 +262,11 @@ fn convert_nats(
     if auth_methods.iter().filter(|x| **x).count() > 1 {
         bail!("nats: choose one of credentials, nkey_seed_file, token, or user/password");
     }
+    if let Some(tls) = &n.tls {
+        if tls.cert.is_some() != tls.key.is_some() {
+            bail!("nats.tls: cert and key go together; set both or neither");
+        }
+    }
     Ok(NatsConfig {
         url: n.url.unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned()),
         name: n.name.unwrap_or_else(|| "mailroom".to_owned()),

@@ -153,8 +153,9 @@ async fn keep_alive<F: std::future::Future>(
 }
 
 /// Publishes to the dead-letter subject (when configured) and terminates the message. If the
-/// record cannot be stored the message is nak'ed instead: it comes back later, beyond its
-/// attempts, and is dead-lettered without running again.
+/// record cannot be stored the message is nak'ed instead, so it is never lost: it comes back
+/// later (after its last attempt: beyond `max_attempts`, and is dead-lettered without running
+/// again; after a reject: it runs again and is rejected again).
 async fn dead_letter_and_term(
     shared: &Shared,
     delivery: &Delivery,

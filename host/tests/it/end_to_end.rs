@@ -424,3 +424,27 @@ stream = "JOBS"
     assert_eq!(host.metrics("noop").succeeded, 1);
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_ack_wait_is_kept_alive_and_runs_once() {
+    let env = Env::new().await;
+    let mut config = flaky_config(&env, "{}", r#"{ timeout = "20s" }"#);
+    config.handlers[0].ack_wait = Duration::from_secs(1);
+    let host = env.start(config).await;
+    // 3.5 times AckWait.
+    env.publish("jobs.slow", "sleep:3500").await;
+    let info = env.settled("JOBS", "flaky", Duration::from_secs(20)).await;
+    assert_eq!(info.num_redelivered, 0);
+    let m = host.metrics("flaky");
+    assert_eq!(
+        (m.received, m.redelivered, m.succeeded),
+        (1, 0, 1),
+        "exactly one execution"
+    );
+    assert!(
+        m.progress_acks >= 6,
+        "a progress ack every half AckWait: {}",
+        m.progress_acks
+    );
+    host.stop().await;
+}
