@@ -21,6 +21,16 @@ pub enum Backoff {
     },
 }
 
+/// What happens when an ordered message fails its last allowed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExhausted {
+    /// Dead-letter and terminate it; its key moves on (the default).
+    DeadLetter,
+    /// Keep retrying it at the longest backoff; its key stays blocked (reported in logs,
+    /// metrics and `/status`) while other keys continue.
+    Block,
+}
+
 /// How often and when a failed message is retried.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {

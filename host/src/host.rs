@@ -85,7 +85,8 @@ pub async fn start(
                     handler = %handler.name,
                     stream = %handler.stream,
                     consumer = %handler.consumer,
-                    concurrency = handler.concurrency,
+                    ordering = %handler.ordering,
+                    workers = %format!("{}..={}", handler.min_workers, handler.max_workers),
                     "handler started"
                 );
                 tracker.spawn(consumer::run(
@@ -172,7 +173,7 @@ fn runtime_config(config: &Config) -> RuntimeConfig {
         max_instances: config
             .handlers
             .iter()
-            .map(|h| h.concurrency as u32)
+            .map(|h| h.max_workers as u32)
             .sum::<u32>()
             .saturating_add(4),
         max_memory: config
@@ -196,12 +197,14 @@ pub fn validate(config: &Config) -> anyhow::Result<Vec<String>> {
     for handler in &config.handlers {
         match load(&runtime, handler, backend.clone(), Arc::default()) {
             Ok(_) => lines.push(format!(
-                "handler {}: {} consumes stream {} as {} (concurrency {}, {} attempts, dead letter {})",
+                "handler {}: {} consumes stream {} as {} (ordering {}, workers {}..={}, {} attempts, dead letter {})",
                 handler.name,
                 handler.module.display(),
                 handler.stream,
                 handler.consumer,
-                handler.concurrency,
+                handler.ordering,
+                handler.min_workers,
+                handler.max_workers,
                 handler.retry.max_attempts,
                 handler.dead_letter.as_deref().unwrap_or("none"),
             )),

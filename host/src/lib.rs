@@ -14,7 +14,10 @@ pub mod host;
 pub mod invoke;
 mod metrics_server;
 pub mod nats_server;
+pub mod ordering;
+pub mod pool;
 pub mod runtime;
+pub mod scaler;
 pub mod telemetry;
 
 pub use config::Config;

@@ -1,4 +1,5 @@
-//! A minimal Prometheus endpoint: `GET /metrics` answers the host's counters in text format.
+//! A minimal HTTP endpoint: `GET /metrics` answers the host's counters in Prometheus text
+//! format, `GET /status` answers them as JSON with each handler's blocked keys.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -38,6 +39,12 @@ pub async fn spawn(
                     let body = metrics.render_prometheus();
                     format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else if first_line.starts_with("GET /status") {
+                    let body = metrics.render_status();
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
                     )
                 } else {

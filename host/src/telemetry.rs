@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -39,6 +39,29 @@ pub struct HandlerMetrics {
     pub log_dropped: AtomicU64,
     /// Messages received and not yet settled.
     pub in_flight: AtomicI64,
+    /// Redeliveries of a message whose key had already run a later one.
+    pub late_redeliveries: AtomicU64,
+    /// Deliveries of a message this host already held (ignored; the held copy settles it).
+    pub duplicate_deliveries: AtomicU64,
+    /// Times the autoscaler grew the pool.
+    pub scale_ups: AtomicU64,
+    /// Times the autoscaler shrank the pool.
+    pub scale_downs: AtomicU64,
+    /// Workers alive.
+    pub workers: AtomicI64,
+    /// The autoscaler's current target.
+    pub target_workers: AtomicI64,
+    /// Workers running a message.
+    pub busy: AtomicI64,
+    /// The most workers ever busy at once.
+    pub busy_peak: AtomicI64,
+    /// Messages held but not running (waiting for their key, a retry, or a worker).
+    pub buffered: AtomicI64,
+    /// Distinct ordering keys held.
+    pub keys: AtomicI64,
+    /// Keys blocked by a message that exhausted its attempts (`on_exhausted = "block"`).
+    pub blocked_keys: AtomicI64,
+    blocked: Mutex<Vec<String>>,
 }
 
 /// A point-in-time copy of [`HandlerMetrics`].
@@ -70,6 +93,28 @@ pub struct MetricsSnapshot {
     pub log_dropped: u64,
     /// See [`HandlerMetrics::in_flight`].
     pub in_flight: i64,
+    /// See [`HandlerMetrics::late_redeliveries`].
+    pub late_redeliveries: u64,
+    /// See [`HandlerMetrics::duplicate_deliveries`].
+    pub duplicate_deliveries: u64,
+    /// See [`HandlerMetrics::scale_ups`].
+    pub scale_ups: u64,
+    /// See [`HandlerMetrics::scale_downs`].
+    pub scale_downs: u64,
+    /// See [`HandlerMetrics::workers`].
+    pub workers: i64,
+    /// See [`HandlerMetrics::target_workers`].
+    pub target_workers: i64,
+    /// See [`HandlerMetrics::busy`].
+    pub busy: i64,
+    /// See [`HandlerMetrics::busy_peak`].
+    pub busy_peak: i64,
+    /// See [`HandlerMetrics::buffered`].
+    pub buffered: i64,
+    /// See [`HandlerMetrics::keys`].
+    pub keys: i64,
+    /// See [`HandlerMetrics::blocked_keys`].
+    pub blocked_keys: i64,
 }
 
 impl HandlerMetrics {
@@ -95,7 +140,28 @@ impl HandlerMetrics {
             ack_failures: get(&self.ack_failures),
             log_dropped: get(&self.log_dropped),
             in_flight: self.in_flight.load(Ordering::Relaxed),
+            late_redeliveries: get(&self.late_redeliveries),
+            duplicate_deliveries: get(&self.duplicate_deliveries),
+            scale_ups: get(&self.scale_ups),
+            scale_downs: get(&self.scale_downs),
+            workers: self.workers.load(Ordering::Relaxed),
+            target_workers: self.target_workers.load(Ordering::Relaxed),
+            busy: self.busy.load(Ordering::Relaxed),
+            busy_peak: self.busy_peak.load(Ordering::Relaxed),
+            buffered: self.buffered.load(Ordering::Relaxed),
+            keys: self.keys.load(Ordering::Relaxed),
+            blocked_keys: self.blocked_keys.load(Ordering::Relaxed),
         }
+    }
+
+    /// Records which keys are blocked (a bounded sample, for `/status`).
+    pub fn set_blocked(&self, keys: Vec<String>) {
+        *self.blocked.lock().unwrap_or_else(|p| p.into_inner()) = keys;
+    }
+
+    /// The blocked keys last recorded.
+    pub fn blocked(&self) -> Vec<String> {
+        self.blocked.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -127,11 +193,27 @@ impl Metrics {
             .collect()
     }
 
+    /// Per handler: its counters and its blocked keys, as JSON for `/status`.
+    pub fn render_status(&self) -> String {
+        let handlers: Vec<serde_json::Value> = self
+            .handlers
+            .iter()
+            .map(|(name, m)| {
+                serde_json::json!({
+                    "handler": name,
+                    "metrics": m.snapshot(),
+                    "blocked_keys": m.blocked(),
+                })
+            })
+            .collect();
+        serde_json::json!({ "handlers": handlers }).to_string()
+    }
+
     /// The counters in Prometheus text exposition format.
     pub fn render_prometheus(&self) -> String {
         let snapshots = self.snapshot();
         let mut out = String::new();
-        let series: [Series; 13] = [
+        let series: [Series; 24] = [
             ("received_total", "counter", |s| s.received as i64),
             ("redelivered_total", "counter", |s| s.redelivered as i64),
             ("succeeded_total", "counter", |s| s.succeeded as i64),
@@ -145,6 +227,17 @@ impl Metrics {
             ("ack_failures_total", "counter", |s| s.ack_failures as i64),
             ("log_dropped_total", "counter", |s| s.log_dropped as i64),
             ("in_flight", "gauge", |s| s.in_flight),
+            ("late_redeliveries_total", "counter", |s| s.late_redeliveries as i64),
+            ("duplicate_deliveries_total", "counter", |s| s.duplicate_deliveries as i64),
+            ("scale_ups_total", "counter", |s| s.scale_ups as i64),
+            ("scale_downs_total", "counter", |s| s.scale_downs as i64),
+            ("workers", "gauge", |s| s.workers),
+            ("target_workers", "gauge", |s| s.target_workers),
+            ("busy_workers", "gauge", |s| s.busy),
+            ("busy_workers_peak", "gauge", |s| s.busy_peak),
+            ("buffered", "gauge", |s| s.buffered),
+            ("keys", "gauge", |s| s.keys),
+            ("blocked_keys", "gauge", |s| s.blocked_keys),
         ];
         for (name, kind, get) in series {
             let _ = writeln!(out, "# TYPE mailroom_{name} {kind}");

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 
-use crate::backoff::{Backoff, RetryPolicy};
+use crate::backoff::{Backoff, OnExhausted, RetryPolicy};
+use crate::ordering::{MissingKey, Ordering};
 use crate::capabilities::SubjectPattern;
 use crate::runtime::Limits;
 
@@ -141,8 +142,24 @@ pub struct HandlerConfig {
     pub consumer: String,
     /// Subjects of the stream to consume; empty means all.
     pub filter_subjects: Vec<String>,
-    /// Messages handled at once by this host.
-    pub concurrency: usize,
+    /// Which messages run in order: by subject (default), none, subject tokens, or a header.
+    pub ordering: Ordering,
+    /// What to do with a message whose key cannot be computed.
+    pub on_missing_key: MissingKey,
+    /// What to do when an ordered message fails its last attempt.
+    pub on_exhausted: OnExhausted,
+    /// Fewest workers (messages handled at once) on this host.
+    pub min_workers: usize,
+    /// Most workers on this host; the autoscaler moves between the two.
+    pub max_workers: usize,
+    /// Most messages this host holds for the handler (running or waiting for their key).
+    pub max_buffered: usize,
+    /// Most distinct ordering keys held; at the cap the host stops pulling.
+    pub max_keys: usize,
+    /// The consumer's `max_ack_pending`, shared by every host: cover hosts × `max_buffered`.
+    pub max_ack_pending: i64,
+    /// How long the backlog must stay drained before the pool shrinks.
+    pub scale_cooldown: Duration,
     /// JetStream AckWait; progress acks are sent every half of it.
     pub ack_wait: Duration,
     /// Where rejected and exhausted messages go.
@@ -330,10 +347,62 @@ fn convert_handler(
     for subject in &filter_subjects {
         SubjectPattern::parse(subject).map_err(|e| anyhow::anyhow!("{ctx}: subjects: {e}"))?;
     }
-    let concurrency = h.concurrency.unwrap_or(16);
-    if !(1..=4096).contains(&concurrency) {
-        bail!("{ctx}: concurrency must be between 1 and 4096, got {concurrency}");
+    let (min_workers, max_workers) = match (h.concurrency, h.min_workers, h.max_workers) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => bail!(
+            "{ctx}: concurrency (a fixed pool) cannot be combined with min_workers/max_workers              (an autoscaled one); use one or the other"
+        ),
+        (Some(n), None, None) => (n, n),
+        (None, min, max) => (min.unwrap_or(1), max.unwrap_or(16)),
+    };
+    for (field, n) in [("concurrency/min_workers", min_workers), ("max_workers", max_workers)] {
+        if !(1..=4096).contains(&n) {
+            bail!("{ctx}: {field} must be between 1 and 4096, got {n}");
+        }
     }
+    if min_workers > max_workers {
+        bail!("{ctx}: min_workers ({min_workers}) is above max_workers ({max_workers})");
+    }
+    let ordering = match &h.ordering {
+        Some(text) => Ordering::parse(text).map_err(|e| anyhow::anyhow!("{ctx}: ordering: {e}"))?,
+        None => Ordering::Subject,
+    };
+    let on_missing_key = match h.on_missing_key.as_deref() {
+        None | Some("dead-letter") => MissingKey::DeadLetter,
+        Some("subject") => MissingKey::Subject,
+        Some(other) => bail!(
+            "{ctx}: on_missing_key must be \"dead-letter\" or \"subject\", got {other:?}"
+        ),
+    };
+    let on_exhausted = match h.on_exhausted.as_deref() {
+        None | Some("dead-letter") => OnExhausted::DeadLetter,
+        Some("block") => OnExhausted::Block,
+        Some(other) => bail!(
+            "{ctx}: on_exhausted must be \"dead-letter\" or \"block\", got {other:?}"
+        ),
+    };
+    if on_exhausted == OnExhausted::Block && !ordering.is_ordered() {
+        bail!("{ctx}: on_exhausted = \"block\" needs an ordering; with ordering = \"none\" failures are naked");
+    }
+    let max_buffered = h.max_buffered.unwrap_or(1000) as usize;
+    if max_buffered < max_workers as usize {
+        bail!(
+            "{ctx}: max_buffered ({max_buffered}) is below max_workers ({max_workers}); the \
+             workers could not all be fed"
+        );
+    }
+    let max_keys = h.max_keys.map_or(max_buffered, |k| k as usize);
+    if max_keys == 0 {
+        bail!("{ctx}: max_keys must be at least 1");
+    }
+    let max_ack_pending = h.max_ack_pending.unwrap_or((max_buffered as i64 * 10).max(1000));
+    if max_ack_pending < max_buffered as i64 {
+        bail!(
+            "{ctx}: max_ack_pending ({max_ack_pending}) is below max_buffered ({max_buffered}); \
+             set it to at least hosts × max_buffered"
+        );
+    }
+    let scale_cooldown =
+        opt_duration(&ctx, "scale_cooldown", h.scale_cooldown)?.unwrap_or(Duration::from_secs(10));
     let ack_wait = opt_duration(&ctx, "ack_wait", h.ack_wait)?.unwrap_or(Duration::from_secs(30));
     if ack_wait < Duration::from_secs(1) {
         bail!("{ctx}: ack_wait must be at least 1s, got {ack_wait:?}");
@@ -376,7 +445,15 @@ fn convert_handler(
         stream: h.stream,
         consumer,
         filter_subjects,
-        concurrency: concurrency as usize,
+        ordering,
+        on_missing_key,
+        on_exhausted,
+        min_workers: min_workers as usize,
+        max_workers: max_workers as usize,
+        max_buffered,
+        max_keys,
+        max_ack_pending,
+        scale_cooldown,
         ack_wait,
         dead_letter: h.dead_letter,
         retry,

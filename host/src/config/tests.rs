@@ -23,7 +23,10 @@ fn minimal_config_gets_defaults() {
     let h = &c.handlers[0];
     assert_eq!(h.module, PathBuf::from("/etc/mailroom/enrich.wasm"));
     assert_eq!(h.consumer, "enrich");
-    assert_eq!(h.concurrency, 16);
+    assert_eq!((h.min_workers, h.max_workers), (1, 16));
+    assert_eq!(h.ordering, Ordering::Subject);
+    assert_eq!(h.on_exhausted, OnExhausted::DeadLetter);
+    assert_eq!((h.max_buffered, h.max_keys, h.max_ack_pending), (1000, 1000, 10_000));
     assert_eq!(h.ack_wait, Duration::from_secs(30));
     assert_eq!(h.retry, RetryPolicy::default());
     assert_eq!(h.limits, Limits::default());
@@ -63,6 +66,9 @@ stream = "ORDERS"
 consumer = "enrich-v2"
 subjects = ["orders.eu.>"]
 concurrency = 4
+ordering = "header:Order-Key"
+on_missing_key = "subject"
+on_exhausted = "block"
 ack_wait = "10s"
 dead_letter = "dlq.enrich"
 retry = { max_attempts = 3, backoff = ["100ms", "1s"], jitter = 0.0 }
@@ -87,6 +93,10 @@ config = { output-subject = "enriched.orders" }
     let h = &c.handlers[0];
     assert_eq!(h.module, PathBuf::from("/abs/enrich.wasm"));
     assert_eq!(h.consumer, "enrich-v2");
+    assert_eq!((h.min_workers, h.max_workers), (4, 4), "concurrency fixes the pool");
+    assert_eq!(h.ordering, Ordering::Header("Order-Key".into()));
+    assert_eq!(h.on_missing_key, MissingKey::Subject);
+    assert_eq!(h.on_exhausted, OnExhausted::Block);
     assert_eq!(h.filter_subjects, ["orders.eu.>"]);
     assert_eq!(h.retry.max_attempts, 3);
     assert_eq!(
@@ -116,7 +126,15 @@ fn bad_values_name_handler_and_field() {
             "ack_wait = \"soon\"",
             "handler \"enrich\": ack_wait: \"soon\" is not a duration",
         ),
-        ("concurrency = 0", "concurrency must be between 1 and 4096"),
+        ("concurrency = 0", "concurrency/min_workers must be between 1 and 4096"),
+        ("concurrency = 2\nmax_workers = 4", "cannot be combined with min_workers/max_workers"),
+        ("min_workers = 8\nmax_workers = 4", "min_workers (8) is above max_workers (4)"),
+        ("ordering = \"random\"", "ordering: \"random\" is not an ordering"),
+        ("on_exhausted = \"panic\"", "on_exhausted must be"),
+        ("ordering = \"none\"\non_exhausted = \"block\"", "needs an ordering"),
+        ("on_missing_key = \"drop\"", "on_missing_key must be"),
+        ("max_buffered = 4", "max_buffered (4) is below max_workers (16)"),
+        ("max_ack_pending = 10", "max_ack_pending (10) is below max_buffered (1000)"),
         (
             "dead_letter = \"dlq.*\"",
             "dead_letter: \"dlq.*\" contains the wildcard",

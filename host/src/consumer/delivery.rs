@@ -60,6 +60,16 @@ impl Delivery {
         &self.message.subject
     }
 
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.message.headers.as_ref()?.get(name).map(|v| v.as_str())
+    }
+
+    /// The subject acknowledgements go to.
+    pub fn reply(&self) -> &Subject {
+        &self.reply
+    }
+
     /// Headers grouped for the guest: `(name, values)`.
     pub fn grouped_headers(&self) -> Vec<(&str, Vec<&str>)> {
         match &self.message.headers {
@@ -126,6 +136,37 @@ impl Delivery {
                 .await
                 .map_err(|err| AckError(err.to_string()))
         }
+    }
+}
+
+/// A delivery while the host holds it: waiting for its key, running, or waiting to be retried
+/// in place.
+pub struct Job {
+    /// The message.
+    pub delivery: Delivery,
+    /// Attempts made in this host beyond JetStream's delivery count (in-place retries).
+    pub retries: u32,
+    /// When JetStream last heard about this message (delivery, or a progress ack).
+    pub touched: std::time::Instant,
+    /// Set when the ordering key could not be computed and the message goes straight to the
+    /// dead-letter path.
+    pub key_error: Option<String>,
+}
+
+impl Job {
+    /// A job for a fresh delivery.
+    pub fn new(delivery: Delivery) -> Job {
+        Job {
+            delivery,
+            retries: 0,
+            touched: std::time::Instant::now(),
+            key_error: None,
+        }
+    }
+
+    /// The attempt this run is: JetStream's delivery count plus in-place retries.
+    pub fn attempt(&self) -> u32 {
+        self.delivery.delivered.saturating_add(self.retries)
     }
 }
 

@@ -1,12 +1,16 @@
-//! The JetStream side of a handler: bind the durable consumer, pull as many messages as there
-//! are free slots, hand them to the workers, drain on shutdown.
+//! The JetStream side of a handler: bind the durable consumer, pull as many messages as the
+//! host can hold, queue them by ordering key, run them on an autoscaled worker pool, keep
+//! waiting messages alive, drain on shutdown.
 //!
 //! Invariants:
 //! - Only this module acknowledges messages (through [`delivery::Delivery`]).
 //! - A message is acked only after its handler succeeded and every publish it made was
 //!   confirmed ([`worker`]).
-//! - The host holds at most `concurrency` messages (plus a few after a pull reset); it never
-//!   fetches what it cannot start, so fetched messages do not sit out their AckWait.
+//! - The host holds at most its capacity (ordered: `max_buffered`; unordered: two messages
+//!   per worker, so fetched messages start soon) plus a few after a pull reset, and at most
+//!   `max_keys` distinct keys; at a cap it stops pulling, it never drops.
+//! - No held message goes half an AckWait without JetStream hearing of it: running ones get
+//!   progress acks from their worker, waiting ones from the sweeper.
 //! - On shutdown it stops pulling at once, hands back (nak, no delay) what it has not started,
 //!   lets running messages finish until the drain deadline, confirms its final acks, and naks
 //!   whatever is still running at the deadline. Nothing is left waiting for AckWait.
@@ -16,25 +20,35 @@ mod puller;
 pub mod settle;
 mod worker;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer};
 use async_nats::Client;
+use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::HandlerConfig;
-use crate::executor::Executor;
+use crate::executor::{Executor, Pushed, Ticket};
+use crate::ordering::MissingKey;
+use crate::pool::Pool;
 use crate::runtime::HandlerModule;
+use crate::scaler::{Observation, Scaler, ScalerConfig};
 use crate::telemetry::HandlerMetrics;
-use delivery::Delivery;
+use delivery::{Delivery, Job};
 use puller::{Pulled, Puller};
+use worker::Settled;
 
-/// Everything the fetch loop and the workers of one handler share.
+/// How often the scaler looks and the gauges are refreshed.
+const SCALE_TICK: Duration = Duration::from_millis(250);
+/// How often the consumer's server-side backlog is read (it also comes free with messages).
+const INFO_EVERY: Duration = Duration::from_secs(1);
+
+/// Everything the fetch loop, the workers and the background tasks of one handler share.
 pub struct Shared {
     /// Handler name.
     pub name: Arc<str>,
@@ -44,15 +58,20 @@ pub struct Shared {
     pub config: HandlerConfig,
     /// The NATS connection (acks go through it).
     pub client: Client,
-    /// JetStream context (dead-letter publishes).
+    /// JetStream context (dead-letter publishes, consumer info).
     pub js: jetstream::Context,
     /// Name of the consumed stream.
     pub stream: Arc<str>,
     /// Counters.
     pub metrics: Arc<HandlerMetrics>,
+    /// Messages waiting for or running on a worker.
+    pub executor: Executor<Job>,
+    /// The workers.
+    pub pool: Pool,
     held: AtomicUsize,
     freed: Notify,
     draining: AtomicBool,
+    server_pending: AtomicU64,
 }
 
 impl Shared {
@@ -67,6 +86,8 @@ impl Shared {
         Shared {
             name: config.name.as_str().into(),
             stream: config.stream.as_str().into(),
+            pool: Pool::new(config.min_workers, config.max_workers),
+            executor: Executor::new(),
             module,
             config,
             client,
@@ -75,12 +96,28 @@ impl Shared {
             held: AtomicUsize::new(0),
             freed: Notify::new(),
             draining: AtomicBool::new(false),
+            server_pending: AtomicU64::new(0),
         }
     }
 
     /// During drain every acknowledgement is confirmed by the server.
     fn confirm_acks(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    fn ordered(&self) -> bool {
+        self.config.ordering.is_ordered()
+    }
+
+    /// How many messages the host may hold now.
+    fn capacity(&self) -> usize {
+        if self.ordered() {
+            // Messages of busy keys wait here while other keys run: buffer up to the cap.
+            self.config.max_buffered
+        } else {
+            // Unordered messages never wait for a key: fetch what the workers start soon.
+            (2 * self.pool.target()).min(self.config.max_buffered)
+        }
     }
 
     fn hold(&self) {
@@ -97,10 +134,7 @@ impl Shared {
 
 /// Creates or updates the handler's durable pull consumer. Every host running the handler
 /// binds the same consumer, which is how they share the stream's messages.
-pub async fn ensure_consumer(
-    js: &jetstream::Context,
-    config: &HandlerConfig,
-) -> anyhow::Result<()> {
+pub async fn ensure_consumer(js: &jetstream::Context, config: &HandlerConfig) -> anyhow::Result<()> {
     let stream = js.get_stream(&config.stream).await.with_context(|| {
         format!(
             "handler {}: stream {} is not available; declare it with [[stream]] in the config \
@@ -116,7 +150,9 @@ pub async fn ensure_consumer(
         // Mailroom counts attempts itself, so a message whose last attempt was cut short
         // still reaches the dead-letter subject instead of silently stopping at max_deliver.
         max_deliver: -1,
-        max_ack_pending: (config.concurrency as i64 * 64).max(1000),
+        // Shared by every host of this handler: it must cover hosts × max_buffered, or hosts
+        // starve each other (see the README's "Ordering and scaling").
+        max_ack_pending: config.max_ack_pending,
         ..Default::default()
     };
     match config.filter_subjects.as_slice() {
@@ -133,21 +169,16 @@ pub async fn ensure_consumer(
     Ok(())
 }
 
-/// Runs the fetch loop of one handler until `shutdown`, then drains.
+/// Runs one handler until `shutdown`, then drains.
 pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain_timeout: Duration) {
-    let executor = Arc::new(Executor::<Delivery>::new());
     let abort = CancellationToken::new();
     let workers = TaskTracker::new();
-    for _ in 0..shared.config.concurrency {
-        let (shared, executor, abort) = (shared.clone(), executor.clone(), abort.clone());
-        workers.spawn(async move {
-            while let Some(delivery) = executor.next().await {
-                worker::process(&shared, delivery, &abort).await;
-                shared.release();
-            }
-        });
-    }
-    workers.close();
+    spawn_workers(&shared, &workers, &abort);
+    let background = CancellationToken::new();
+    let aux = TaskTracker::new();
+    aux.spawn(scale(shared.clone(), workers.clone(), abort.clone(), background.clone()));
+    aux.spawn(sweep(shared.clone(), background.clone()));
+    aux.close();
 
     let mut puller = loop {
         match Puller::new(&shared.client, &shared.stream, &shared.config.consumer).await {
@@ -161,39 +192,38 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain_timeout
         }
     };
     if let Some(p) = puller.as_mut() {
-        fetch(&shared, p, &executor, &shutdown).await;
+        fetch(&shared, p, &shutdown).await;
     }
 
     // Drain: stop pulling, hand back what was not started, let running work finish.
     shared.draining.store(true, Ordering::Relaxed);
-    tracing::info!(handler = %shared.name, in_flight = shared.held.load(Ordering::Relaxed), "draining");
-    executor.close();
-    for delivery in executor.take_queued() {
-        worker::nak_now(&shared, &delivery).await;
-        shared.release();
-    }
+    tracing::info!(handler = %shared.name, held = shared.held.load(Ordering::Relaxed), "draining");
+    background.cancel();
+    aux.wait().await;
+    shared.executor.close();
+    // Close the pull subscription before handing anything back, so nothing nak'ed is
+    // redelivered to this host's own pull requests; keep what is still on its way.
+    let mut returned = Vec::new();
     if let Some(p) = puller.as_mut() {
+        let deadline = tokio::time::Instant::now() + puller::EXPIRES;
         p.close().await;
         loop {
-            match p.next().await {
-                Pulled::Message(message) => {
-                    if let Ok(delivery) = Delivery::parse(message) {
-                        worker::nak_now(&shared, &delivery).await;
-                    }
-                }
-                Pulled::Closed => break,
-                Pulled::Reset | Pulled::Unavailable | Pulled::Fatal(_) => {
-                    if p.outstanding() == 0 {
-                        break;
-                    }
-                }
+            match tokio::time::timeout_at(deadline, p.next()).await {
+                Ok(Pulled::Message(message)) => returned.extend(Delivery::parse(message).ok()),
+                Ok(Pulled::Closed) | Err(_) => break,
+                Ok(_) => {}
             }
         }
     }
-    if tokio::time::timeout(drain_timeout, workers.wait())
-        .await
-        .is_err()
-    {
+    for delivery in &returned {
+        worker::nak_now(&shared, delivery).await;
+    }
+    for job in shared.executor.take_waiting() {
+        worker::nak_now(&shared, &job.delivery).await;
+        shared.release();
+    }
+    workers.close();
+    if tokio::time::timeout(drain_timeout, workers.wait()).await.is_err() {
         tracing::warn!(handler = %shared.name, "drain timeout reached; handing back running messages");
         abort.cancel();
         workers.wait().await;
@@ -204,19 +234,61 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain_timeout
     tracing::info!(handler = %shared.name, "drained");
 }
 
-/// Pulls and dispatches until shutdown.
-async fn fetch(
-    shared: &Arc<Shared>,
-    puller: &mut Puller,
-    executor: &Executor<Delivery>,
-    shutdown: &CancellationToken,
-) {
-    let capacity = shared.config.concurrency;
-    // Ask in chunks: a request per freed slot would cost a round trip per message.
-    let min_batch = (capacity / 4).max(1);
+/// Spawns workers until the pool reaches its target.
+fn spawn_workers(shared: &Arc<Shared>, workers: &TaskTracker, abort: &CancellationToken) {
+    for _ in 0..shared.pool.claim_spawns() {
+        workers.spawn(work(shared.clone(), abort.clone()));
+    }
+}
+
+/// One worker: takes the next runnable message, runs and settles it, until retired or closed.
+async fn work(shared: Arc<Shared>, abort: CancellationToken) {
     loop {
+        if shared.pool.try_retire() {
+            return;
+        }
+        let ticket = tokio::select! {
+            ticket = shared.executor.next() => ticket,
+            _ = shared.pool.shrunk() => continue,
+        };
+        let Some(Ticket { key, seq, item: mut job }) = ticket else {
+            shared.pool.left();
+            return;
+        };
+        let settled = {
+            let _busy = shared.pool.busy_guard();
+            worker::process(&shared, &mut job, &abort).await
+        };
+        match (settled, &key) {
+            (Settled::RetryAt { at, blocked }, Some(key)) if !shared.draining.load(Ordering::Relaxed) => {
+                shared.executor.retry(key, seq, job, at, blocked);
+            }
+            (Settled::RetryAt { .. }, _) => {
+                // Draining (the executor no longer runs anything), or an unordered message,
+                // which is retried through JetStream rather than in place: hand it back.
+                worker::nak_now(&shared, &job.delivery).await;
+                shared.executor.done(None);
+                shared.release();
+            }
+            (Settled::Done, _) => {
+                shared.executor.done(key.as_ref());
+                shared.release();
+            }
+        }
+    }
+}
+
+/// Pulls and dispatches until shutdown.
+async fn fetch(shared: &Arc<Shared>, puller: &mut Puller, shutdown: &CancellationToken) {
+    loop {
+        let capacity = shared.capacity();
         let held = shared.held.load(Ordering::Relaxed);
-        let free = capacity.saturating_sub(held + puller.outstanding());
+        let mut free = capacity.saturating_sub(held + puller.outstanding());
+        if shared.ordered() && shared.executor.stats().keys >= shared.config.max_keys {
+            free = 0;
+        }
+        // Ask in chunks: a request per freed slot would cost a round trip per message.
+        let min_batch = (capacity / 4).max(1);
         if free >= min_batch || (free > 0 && puller.outstanding() == 0) {
             if let Err(err) = puller.request(free).await {
                 tracing::warn!(handler = %shared.name, "pull request failed: {err:#}");
@@ -231,10 +303,7 @@ async fn fetch(
             _ = shutdown.cancelled() => return,
             pulled = puller.next() => match pulled {
                 Pulled::Message(message) => match Delivery::parse(message) {
-                    Ok(delivery) => {
-                        shared.hold();
-                        executor.push(delivery);
-                    }
+                    Ok(delivery) => dispatch(shared, delivery),
                     Err(err) => tracing::warn!(handler = %shared.name, "ignoring a message on the pull inbox: {}", err.0),
                 },
                 Pulled::Reset => {}
@@ -266,6 +335,162 @@ async fn fetch(
             _ = shared.freed.notified() => {}
         }
     }
+}
+
+/// Queues a delivery under its ordering key.
+fn dispatch(shared: &Shared, delivery: Delivery) {
+    shared.server_pending.store(delivery.pending, Ordering::Relaxed);
+    let seq = delivery.stream_sequence;
+    let ordering = &shared.config.ordering;
+    let mut job = Job::new(delivery);
+    let fallback = shared.config.on_missing_key == MissingKey::Subject;
+    if let Err(err) = ordering.key(job.delivery.subject(), |name| job.delivery.header(name)) {
+        if !fallback {
+            job.key_error = Some(err.0);
+        }
+    }
+    let pushed = shared.executor.push_with(seq, job, |job| {
+        if job.key_error.is_some() {
+            // Straight to the dead-letter path: it needs no lane.
+            return None;
+        }
+        let d = &job.delivery;
+        match ordering.key(d.subject(), |name| d.header(name)) {
+            Ok(key) => key,
+            Err(_) => Some(d.subject()),
+        }
+    });
+    match pushed {
+        Pushed::Queued { late } => {
+            shared.hold();
+            if late {
+                HandlerMetrics::incr(&shared.metrics.late_redeliveries);
+                tracing::info!(
+                    handler = %shared.name,
+                    stream_seq = seq,
+                    "redelivery of a message whose key already ran a later one; it runs as soon as its key is free"
+                );
+            }
+        }
+        Pushed::Duplicate(job) => {
+            // This host already holds this message (running or waiting); the server sent it
+            // again because it had not heard of it in time. Acks go by stream sequence, so the
+            // held copy settles both deliveries: this one is dropped, the message is not.
+            HandlerMetrics::incr(&shared.metrics.duplicate_deliveries);
+            tracing::debug!(handler = %shared.name, stream_seq = seq, delivered = job.delivery.delivered, "duplicate delivery of a held message ignored");
+        }
+    }
+}
+
+/// Sends progress acks for held messages that are waiting (for their key, a retry, or a
+/// worker), so JetStream does not redeliver them.
+async fn sweep(shared: Arc<Shared>, stop: CancellationToken) {
+    let half = shared.config.ack_wait / 2;
+    let period = (shared.config.ack_wait / 4).max(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let now = Instant::now();
+        let mut due = Vec::new();
+        shared.executor.for_each_waiting(|job| {
+            if now.duration_since(job.touched) >= half {
+                job.touched = now;
+                due.push(job.delivery.reply().clone());
+            }
+        });
+        for reply in due {
+            HandlerMetrics::incr(&shared.metrics.progress_acks);
+            if let Err(err) = shared.client.publish(reply, Bytes::from_static(b"+WPI")).await {
+                tracing::warn!(handler = %shared.name, "progress ack failed: {err}");
+            }
+        }
+    }
+}
+
+/// Refreshes gauges and, for autoscaled pools, applies the scaler's decisions.
+async fn scale(shared: Arc<Shared>, workers: TaskTracker, abort: CancellationToken, stop: CancellationToken) {
+    let autoscaled = shared.pool.min() < shared.pool.max();
+    let mut scaler = Scaler::new(ScalerConfig {
+        min: shared.pool.min(),
+        max: shared.pool.max(),
+        cooldown: shared.config.scale_cooldown,
+        plateau_hold: Duration::from_secs(30),
+    });
+    let m = &shared.metrics;
+    let mut ticker = tokio::time::interval(SCALE_TICK);
+    let mut last = Instant::now();
+    let mut last_info: Option<Instant> = None;
+    let mut completed = m.succeeded.load(Ordering::Relaxed);
+    let mut failed = m.retried.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let now = Instant::now();
+        if last_info.is_none_or(|at| now.duration_since(at) >= INFO_EVERY) {
+            last_info = Some(now);
+            if let Some(pending) = server_pending(&shared).await {
+                shared.server_pending.store(pending, Ordering::Relaxed);
+            }
+        }
+        let stats = shared.executor.stats();
+        let pool = &shared.pool;
+        m.workers.store(pool.live() as i64, Ordering::Relaxed);
+        m.busy.store(pool.busy() as i64, Ordering::Relaxed);
+        m.busy_peak.fetch_max(pool.busy_peak() as i64, Ordering::Relaxed);
+        m.buffered.store(stats.waiting as i64, Ordering::Relaxed);
+        m.keys.store(stats.keys as i64, Ordering::Relaxed);
+        m.blocked_keys.store(stats.blocked as i64, Ordering::Relaxed);
+        m.set_blocked(if stats.blocked > 0 { shared.executor.blocked_keys(20) } else { Vec::new() });
+        if autoscaled {
+            let done_now = m.succeeded.load(Ordering::Relaxed);
+            let failed_now = m.retried.load(Ordering::Relaxed);
+            let observation = Observation {
+                now,
+                backlog: shared.server_pending.load(Ordering::Relaxed)
+                    + (stats.waiting - stats.blocked.min(stats.waiting)) as u64,
+                runnable_keys: shared.ordered().then_some(stats.runnable + stats.running),
+                workers: pool.live(),
+                busy: pool.busy(),
+                completed: done_now - completed,
+                failed: failed_now - failed,
+                elapsed: now.duration_since(last),
+            };
+            (completed, failed, last) = (done_now, failed_now, now);
+            let decision = scaler.decide(&observation);
+            m.target_workers.store(decision.target as i64, Ordering::Relaxed);
+            if decision.target != pool.target() {
+                let grow = decision.target > pool.target();
+                HandlerMetrics::incr(if grow { &m.scale_ups } else { &m.scale_downs });
+                tracing::debug!(
+                    handler = %shared.name,
+                    from = pool.target(),
+                    to = decision.target,
+                    reason = decision.reason.as_str(),
+                    backlog = observation.backlog,
+                    busy = observation.busy,
+                    "scaling"
+                );
+                pool.set_target(decision.target);
+            }
+        } else {
+            m.target_workers.store(pool.target() as i64, Ordering::Relaxed);
+        }
+        spawn_workers(&shared, &workers, &abort);
+    }
+}
+
+/// The consumer's `num_pending` as the server sees it.
+async fn server_pending(shared: &Shared) -> Option<u64> {
+    let mut consumer: consumer::PullConsumer = shared
+        .js
+        .get_consumer_from_stream(&shared.config.consumer, &shared.config.stream)
+        .await
+        .ok()?;
+    consumer.info().await.ok().map(|info| info.num_pending)
 }
 
 /// Sleeps for `d`; returns true if shutdown came first.

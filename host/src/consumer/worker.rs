@@ -1,50 +1,80 @@
 //! The message path: run one delivery through its handler, then settle it.
 //!
 //! Order of events for a message (the contract the rest of the host relies on):
-//! 1. an attempt beyond `max_attempts` (the last one was cut short) goes straight to the
-//!    dead-letter path without running;
+//! 1. a message whose ordering key cannot be computed, or an attempt beyond `max_attempts`
+//!    (the last one was cut short by a crash) goes straight to the dead-letter path without
+//!    running;
 //! 2. the handler runs in a fresh instance; while it runs, a progress ack is sent every half
 //!    AckWait so JetStream does not redeliver it;
 //! 3. on success every publish it made is confirmed, and only then the input is acked; a
 //!    publish that is not confirmed turns the success into a retry;
-//! 4. otherwise [`settle::decide`] chooses nak-with-delay or dead-letter-and-term.
+//! 4. otherwise [`settle::decide`] chooses retry or dead-letter-and-term. In ordered modes a
+//!    retry happens in place ([`Settled::RetryAt`]): the message goes back to the head of its
+//!    key's lane, so the key's later messages wait for it. Unordered, it is nak'ed with the
+//!    delay. With `on_exhausted = "block"` an ordered message that used its attempts keeps
+//!    being retried at the longest backoff and its key is reported blocked.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::delivery::{header_params, Delivery};
+use super::delivery::{header_params, Delivery, Job};
 use super::settle::{self, DeadLetterCause, Disposition};
 use super::Shared;
+use crate::backoff::OnExhausted;
 use crate::runtime::{FailureKind, GuestMessage, Invoked, Outcome};
 use crate::telemetry::HandlerMetrics;
 
-/// Runs and settles one delivery. `cancel` aborts a running handler at the drain deadline;
-/// the message is then nak'ed so another host takes it at once.
-pub async fn process(shared: &Shared, delivery: Delivery, cancel: &CancellationToken) {
+/// What became of a message after one attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Acked, nak'ed or dead-lettered: JetStream has it back; the host lets go.
+    Done,
+    /// Run it again in place at this instant, its key blocked meanwhile. `blocked` marks a
+    /// message that used up its attempts under `on_exhausted = "block"`.
+    RetryAt {
+        /// When.
+        at: Instant,
+        /// Whether the key is blocked for good (until a success).
+        blocked: bool,
+    },
+}
+
+/// Runs and settles one attempt of a held message. `cancel` aborts a running handler at the
+/// drain deadline; the message is then nak'ed so another host takes it at once.
+pub async fn process(shared: &Shared, job: &mut Job, cancel: &CancellationToken) -> Settled {
     let span = tracing::info_span!(
         "message",
         handler = %shared.name,
-        subject = %delivery.subject(),
-        stream_seq = delivery.stream_sequence,
-        attempt = delivery.delivered,
+        subject = %job.delivery.subject(),
+        stream_seq = job.delivery.stream_sequence,
+        attempt = job.attempt(),
     );
-    process_in_span(shared, delivery, cancel)
-        .instrument(span)
-        .await
+    process_in_span(shared, job, cancel).instrument(span).await
 }
 
-async fn process_in_span(shared: &Shared, delivery: Delivery, cancel: &CancellationToken) {
+async fn process_in_span(shared: &Shared, job: &mut Job, cancel: &CancellationToken) -> Settled {
     let m = &shared.metrics;
-    let attempt = delivery.delivered;
+    let attempt = job.attempt();
     HandlerMetrics::incr(&m.received);
     if attempt > 1 {
         HandlerMetrics::incr(&m.redelivered);
     }
     let policy = &shared.config.retry;
-    if attempt > policy.max_attempts {
+    let ordered = shared.config.ordering.is_ordered();
+    let block = ordered && shared.config.on_exhausted == OnExhausted::Block;
+    if let Some(reason) = job.key_error.take() {
+        let cause = DeadLetterCause {
+            kind: "no-key".to_owned(),
+            reason,
+        };
+        dead_letter_and_term(shared, &job.delivery, attempt, &cause).await;
+        return Settled::Done;
+    }
+    let delivery = &job.delivery;
+    if attempt > policy.max_attempts && !block {
         let cause = DeadLetterCause {
             kind: "exhausted".to_owned(),
             reason: format!(
@@ -53,8 +83,8 @@ async fn process_in_span(shared: &Shared, delivery: Delivery, cancel: &Cancellat
                 policy.max_attempts
             ),
         };
-        dead_letter_and_term(shared, &delivery, attempt - 1, &cause).await;
-        return;
+        dead_letter_and_term(shared, delivery, attempt - 1, &cause).await;
+        return Settled::Done;
     }
 
     let invoked = {
@@ -72,11 +102,11 @@ async fn process_in_span(shared: &Shared, delivery: Delivery, cancel: &Cancellat
         };
         let invocation = shared.module.invoke(msg, shared.stream.clone());
         tokio::select! {
-            invoked = keep_alive(shared, &delivery, invocation) => invoked,
+            invoked = keep_alive(shared, delivery, &mut job.touched, invocation) => invoked,
             _ = cancel.cancelled() => {
                 tracing::info!("drain deadline reached while the handler ran; handing the message back");
-                nak_now(shared, &delivery).await;
-                return;
+                nak_now(shared, delivery).await;
+                return Settled::Done;
             }
         }
     };
@@ -88,7 +118,13 @@ async fn process_in_span(shared: &Shared, delivery: Delivery, cancel: &Cancellat
 
     if outcome == Outcome::Success && !publishes.is_empty() {
         let count = publishes.len() as u64;
-        let results = keep_alive(shared, &delivery, futures::future::join_all(publishes)).await;
+        let results = keep_alive(
+            shared,
+            delivery,
+            &mut job.touched,
+            futures::future::join_all(publishes),
+        )
+        .await;
         match results.into_iter().find_map(Result::err) {
             None => {
                 m.published.fetch_add(count, Ordering::Relaxed);
@@ -114,35 +150,63 @@ async fn process_in_span(shared: &Shared, delivery: Delivery, cancel: &Cancellat
                 Ok(()) => HandlerMetrics::incr(&m.succeeded),
                 Err(err) => ack_failed(shared, "ack", &err),
             }
+            Settled::Done
         }
         Disposition::Retry(delay) => {
             HandlerMetrics::incr(&m.retried);
             tracing::info!(?delay, ?outcome, "attempt failed; retrying later");
-            if let Err(err) = delivery
-                .nak(&shared.client, delay, shared.confirm_acks())
-                .await
-            {
+            if ordered {
+                job.retries += 1;
+                return Settled::RetryAt {
+                    at: Instant::now() + delay,
+                    blocked: false,
+                };
+            }
+            if let Err(err) = delivery.nak(&shared.client, delay, shared.confirm_acks()).await {
                 ack_failed(shared, "nak", &err);
+            }
+            Settled::Done
+        }
+        Disposition::DeadLetter(cause) if block && cause.kind != "reject" => {
+            HandlerMetrics::incr(&m.retried);
+            if attempt == policy.max_attempts {
+                tracing::error!(
+                    kind = %cause.kind,
+                    "key BLOCKED: the message used its {} attempts and on_exhausted = \"block\"; \
+                     it is retried until it succeeds and the key's later messages wait: {}",
+                    policy.max_attempts,
+                    cause.reason
+                );
+            }
+            job.retries += 1;
+            Settled::RetryAt {
+                at: Instant::now() + policy.base_delay(attempt),
+                blocked: true,
             }
         }
         Disposition::DeadLetter(cause) => {
-            dead_letter_and_term(shared, &delivery, attempt, &cause).await;
+            dead_letter_and_term(shared, delivery, attempt, &cause).await;
+            Settled::Done
         }
     }
 }
 
-/// Polls `work` to completion, sending a progress ack every half AckWait meanwhile.
+/// Polls `work` to completion, sending a progress ack whenever half an AckWait has passed
+/// since JetStream last heard of the message (`touched`, which it updates).
 async fn keep_alive<F: std::future::Future>(
     shared: &Shared,
     delivery: &Delivery,
+    touched: &mut Instant,
     work: F,
 ) -> F::Output {
-    let period = shared.config.ack_wait / 2;
+    let half = shared.config.ack_wait / 2;
     tokio::pin!(work);
     loop {
+        let due = tokio::time::Instant::from_std(*touched + half);
         tokio::select! {
             output = &mut work => return output,
-            _ = tokio::time::sleep(period) => {
+            _ = tokio::time::sleep_until(due) => {
+                *touched = Instant::now();
                 HandlerMetrics::incr(&shared.metrics.progress_acks);
                 if let Err(err) = delivery.progress(&shared.client).await {
                     tracing::warn!("progress ack failed: {err}");
