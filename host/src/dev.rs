@@ -278,7 +278,7 @@ impl fmt::Display for DevReport {
         writeln!(f)?;
         writeln!(
             f,
-            "{:<10} {:>9} {:>9} {:>8} {:>13} {:>10} {:>6} {:>9}",
+            "{:<10} {:>9} {:>9} {:>8} {:>13} {:>10} {:>6} {:>9} {:>13}",
             "handler",
             "received",
             "ok",
@@ -286,12 +286,13 @@ impl fmt::Display for DevReport {
             "dead-lettered",
             "published",
             "traps",
-            "timeouts"
+            "timeouts",
+            "peak workers"
         )?;
         for (name, m) in &self.handlers {
             writeln!(
                 f,
-                "{:<10} {:>9} {:>9} {:>8} {:>13} {:>10} {:>6} {:>9}",
+                "{:<10} {:>9} {:>9} {:>8} {:>13} {:>10} {:>6} {:>9} {:>13}",
                 name,
                 m.received,
                 m.succeeded,
@@ -299,7 +300,8 @@ impl fmt::Display for DevReport {
                 m.dead_lettered,
                 m.published,
                 m.traps,
-                m.timeouts
+                m.timeouts,
+                m.busy_peak
             )?;
         }
         writeln!(f)?;

@@ -66,7 +66,9 @@ impl Ordering {
         if let Some(name) = text.trim().strip_prefix("header:") {
             let name = name.trim();
             if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == ':') {
-                return Err(format!("{text:?}: the header name is empty or not a valid name"));
+                return Err(format!(
+                    "{text:?}: the header name is empty or not a valid name"
+                ));
             }
             return Ok(Ordering::Header(name.to_owned()));
         }
@@ -161,10 +163,18 @@ mod tests {
 
     #[test]
     fn parses_and_displays_every_form() {
-        for text in ["none", "subject", "subject-tokens:2..3", "subject-tokens:2..", "header:Order-Key"] {
+        for text in [
+            "none",
+            "subject",
+            "subject-tokens:2..3",
+            "subject-tokens:2..",
+            "header:Order-Key",
+        ] {
             assert_eq!(Ordering::parse(text).unwrap().to_string(), text);
         }
-        assert!(Ordering::parse("random").unwrap_err().contains("is not an ordering"));
+        assert!(Ordering::parse("random")
+            .unwrap_err()
+            .contains("is not an ordering"));
         assert!(Ordering::parse("subject-tokens:0..1").is_err());
         assert!(Ordering::parse("subject-tokens:3..2").is_err());
         assert!(Ordering::parse("header:").is_err());
@@ -172,10 +182,26 @@ mod tests {
 
     #[test]
     fn subject_token_ranges() {
-        assert_eq!(key("subject-tokens:2..3", "orders.eu.fr.42").unwrap().unwrap(), "eu.fr");
-        assert_eq!(key("subject-tokens:1..1", "orders.eu.fr").unwrap().unwrap(), "orders");
-        assert_eq!(key("subject-tokens:2..", "orders.eu.fr.42").unwrap().unwrap(), "eu.fr.42");
-        assert_eq!(key("subject-tokens:3..9", "a.b.c.d").unwrap().unwrap(), "c.d");
+        assert_eq!(
+            key("subject-tokens:2..3", "orders.eu.fr.42")
+                .unwrap()
+                .unwrap(),
+            "eu.fr"
+        );
+        assert_eq!(
+            key("subject-tokens:1..1", "orders.eu.fr").unwrap().unwrap(),
+            "orders"
+        );
+        assert_eq!(
+            key("subject-tokens:2..", "orders.eu.fr.42")
+                .unwrap()
+                .unwrap(),
+            "eu.fr.42"
+        );
+        assert_eq!(
+            key("subject-tokens:3..9", "a.b.c.d").unwrap().unwrap(),
+            "c.d"
+        );
         assert_eq!(key("subject-tokens:4..4", "a.b.c.d").unwrap().unwrap(), "d");
         let err = key("subject-tokens:5..", "a.b.c").unwrap_err();
         assert!(err.0.contains("fewer than 5 tokens"), "{err:?}");
@@ -191,11 +217,15 @@ mod tests {
     fn header_keys() {
         let o = Ordering::parse("header:Order-Key").unwrap();
         assert_eq!(
-            o.key("s", |name| (name == "Order-Key").then_some("o-1")).unwrap(),
+            o.key("s", |name| (name == "Order-Key").then_some("o-1"))
+                .unwrap(),
             Some("o-1")
         );
         let err = o.key("s", |_| None).unwrap_err();
         assert!(err.0.contains("no Order-Key header"), "{err:?}");
-        assert!(o.key("s", |_| Some("")).is_err(), "an empty value is no key");
+        assert!(
+            o.key("s", |_| Some("")).is_err(),
+            "an empty value is no key"
+        );
     }
 }

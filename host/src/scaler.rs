@@ -126,7 +126,11 @@ impl Scaler {
     pub fn decide(&mut self, o: &Observation) -> Decision {
         let secs = o.elapsed.as_secs_f64().max(1e-3);
         let sample = o.completed as f64 / secs;
-        self.rate = if self.rate == 0.0 { sample } else { 0.5 * self.rate + 0.5 * sample };
+        self.rate = if self.rate == 0.0 {
+            sample
+        } else {
+            0.5 * self.rate + 0.5 * sample
+        };
         let keep = |reason| Decision {
             target: o.workers.clamp(self.config.min, self.config.max),
             reason,
@@ -243,7 +247,11 @@ mod tests {
             let effective = self.workers.min(self.cpu_limit) as f64;
             let can = effective * self.per_worker * TICK.as_secs_f64();
             let done = can.min(self.backlog);
-            let (completed, failed) = if self.fail_all { (0.0, can) } else { (done, 0.0) };
+            let (completed, failed) = if self.fail_all {
+                (0.0, can)
+            } else {
+                (done, 0.0)
+            };
             if !self.fail_all {
                 self.backlog -= done;
             }
@@ -307,7 +315,11 @@ mod tests {
         for _ in 0..100 {
             sim.tick();
         }
-        assert!(sim.workers <= 4, "kept growing to {} without gain", sim.workers);
+        assert!(
+            sim.workers <= 4,
+            "kept growing to {} without gain",
+            sim.workers
+        );
         assert!(sim.workers >= 2);
     }
 
@@ -362,6 +374,9 @@ mod tests {
             assert!(d.target >= 6, "{d:?}");
             workers = d.target;
         }
-        assert_eq!(workers, 6, "shrunk to the six busy workers after the cooldown");
+        assert_eq!(
+            workers, 6,
+            "shrunk to the six busy workers after the cooldown"
+        );
     }
 }

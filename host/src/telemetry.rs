@@ -161,7 +161,10 @@ impl HandlerMetrics {
 
     /// The blocked keys last recorded.
     pub fn blocked(&self) -> Vec<String> {
-        self.blocked.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -227,8 +230,12 @@ impl Metrics {
             ("ack_failures_total", "counter", |s| s.ack_failures as i64),
             ("log_dropped_total", "counter", |s| s.log_dropped as i64),
             ("in_flight", "gauge", |s| s.in_flight),
-            ("late_redeliveries_total", "counter", |s| s.late_redeliveries as i64),
-            ("duplicate_deliveries_total", "counter", |s| s.duplicate_deliveries as i64),
+            ("late_redeliveries_total", "counter", |s| {
+                s.late_redeliveries as i64
+            }),
+            ("duplicate_deliveries_total", "counter", |s| {
+                s.duplicate_deliveries as i64
+            }),
             ("scale_ups_total", "counter", |s| s.scale_ups as i64),
             ("scale_downs_total", "counter", |s| s.scale_downs as i64),
             ("workers", "gauge", |s| s.workers),

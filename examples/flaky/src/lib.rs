@@ -21,6 +21,11 @@
 //! | `publish-many:N`   | publishes N messages to the `output-subject` setting, stops at the first refusal |
 //! | `publish-huge:N`   | publishes N bytes to the `output-subject` setting                   |
 //! | `kv:BUCKET`        | writes key `probe` in BUCKET; a refusal rejects the message         |
+//! | `record`           | publishes "SUBJECT SEQUENCE ATTEMPT" to the `output-subject` setting |
+//! | `record-fail-once` | like `record`, after asking for a retry on attempt 1                |
+//! | `chain:N`          | publishes `chain:N-1` to its own subject (while N > 0), succeeds   |
+//! | `wait-kv:B/K`      | polls KV bucket B until key K exists (up to 20s), then succeeds     |
+//! | `kv-set:B/K`       | writes key K in bucket B                                            |
 //! | `sandbox`          | tries to read files, environment and the network; rejects with a   |
 //! |                    | report if anything was reachable, succeeds if nothing was           |
 //!
@@ -109,9 +114,45 @@ fn handle(msg: Message) -> Result<(), Error> {
             kv::put(arg, "probe", b"1")?;
             Ok(())
         }
+        "record" | "record-fail-once" => {
+            if command == "record-fail-once" && attempt == 1 {
+                return Err(Error::retry("flaky: record-fail-once fails attempt 1"));
+            }
+            let output = config::require("output-subject")?;
+            let line = format!("{} {} {}", msg.subject(), msg.sequence(), attempt);
+            publish(&output, line)?;
+            Ok(())
+        }
+        "chain" => {
+            let n = number()?;
+            if n > 0 {
+                publish(msg.subject(), format!("chain:{}", n - 1))?;
+            }
+            Ok(())
+        }
+        "wait-kv" => {
+            let (bucket, key) = bucket_key(arg)?;
+            for _ in 0..2000 {
+                if kv::get(bucket, key)?.is_some() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(Error::retry(format!("flaky: {arg} never appeared")))
+        }
+        "kv-set" => {
+            let (bucket, key) = bucket_key(arg)?;
+            kv::put(bucket, key, b"set")?;
+            Ok(())
+        }
         "sandbox" => sandbox_report(),
         other => Err(Error::reject(format!("flaky: unknown command {other:?}"))),
     }
+}
+
+fn bucket_key(arg: &str) -> Result<(&str, &str), Error> {
+    arg.split_once('/')
+        .ok_or_else(|| Error::reject(format!("expected BUCKET/KEY, got {arg:?}")))
 }
 
 fn spin_forever() -> ! {

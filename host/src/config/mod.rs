@@ -16,8 +16,8 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 
 use crate::backoff::{Backoff, OnExhausted, RetryPolicy};
-use crate::ordering::{MissingKey, Ordering};
 use crate::capabilities::SubjectPattern;
+use crate::ordering::{MissingKey, Ordering};
 use crate::runtime::Limits;
 
 pub use units::{parse_duration, parse_size};
@@ -354,7 +354,10 @@ fn convert_handler(
         (Some(n), None, None) => (n, n),
         (None, min, max) => (min.unwrap_or(1), max.unwrap_or(16)),
     };
-    for (field, n) in [("concurrency/min_workers", min_workers), ("max_workers", max_workers)] {
+    for (field, n) in [
+        ("concurrency/min_workers", min_workers),
+        ("max_workers", max_workers),
+    ] {
         if !(1..=4096).contains(&n) {
             bail!("{ctx}: {field} must be between 1 and 4096, got {n}");
         }
@@ -369,16 +372,16 @@ fn convert_handler(
     let on_missing_key = match h.on_missing_key.as_deref() {
         None | Some("dead-letter") => MissingKey::DeadLetter,
         Some("subject") => MissingKey::Subject,
-        Some(other) => bail!(
-            "{ctx}: on_missing_key must be \"dead-letter\" or \"subject\", got {other:?}"
-        ),
+        Some(other) => {
+            bail!("{ctx}: on_missing_key must be \"dead-letter\" or \"subject\", got {other:?}")
+        }
     };
     let on_exhausted = match h.on_exhausted.as_deref() {
         None | Some("dead-letter") => OnExhausted::DeadLetter,
         Some("block") => OnExhausted::Block,
-        Some(other) => bail!(
-            "{ctx}: on_exhausted must be \"dead-letter\" or \"block\", got {other:?}"
-        ),
+        Some(other) => {
+            bail!("{ctx}: on_exhausted must be \"dead-letter\" or \"block\", got {other:?}")
+        }
     };
     if on_exhausted == OnExhausted::Block && !ordering.is_ordered() {
         bail!("{ctx}: on_exhausted = \"block\" needs an ordering; with ordering = \"none\" failures are naked");
@@ -394,7 +397,9 @@ fn convert_handler(
     if max_keys == 0 {
         bail!("{ctx}: max_keys must be at least 1");
     }
-    let max_ack_pending = h.max_ack_pending.unwrap_or((max_buffered as i64 * 10).max(1000));
+    let max_ack_pending = h
+        .max_ack_pending
+        .unwrap_or((max_buffered as i64 * 10).max(1000));
     if max_ack_pending < max_buffered as i64 {
         bail!(
             "{ctx}: max_ack_pending ({max_ack_pending}) is below max_buffered ({max_buffered}); \

@@ -26,7 +26,10 @@ fn minimal_config_gets_defaults() {
     assert_eq!((h.min_workers, h.max_workers), (1, 16));
     assert_eq!(h.ordering, Ordering::Subject);
     assert_eq!(h.on_exhausted, OnExhausted::DeadLetter);
-    assert_eq!((h.max_buffered, h.max_keys, h.max_ack_pending), (1000, 1000, 10_000));
+    assert_eq!(
+        (h.max_buffered, h.max_keys, h.max_ack_pending),
+        (1000, 1000, 10_000)
+    );
     assert_eq!(h.ack_wait, Duration::from_secs(30));
     assert_eq!(h.retry, RetryPolicy::default());
     assert_eq!(h.limits, Limits::default());
@@ -93,7 +96,11 @@ config = { output-subject = "enriched.orders" }
     let h = &c.handlers[0];
     assert_eq!(h.module, PathBuf::from("/abs/enrich.wasm"));
     assert_eq!(h.consumer, "enrich-v2");
-    assert_eq!((h.min_workers, h.max_workers), (4, 4), "concurrency fixes the pool");
+    assert_eq!(
+        (h.min_workers, h.max_workers),
+        (4, 4),
+        "concurrency fixes the pool"
+    );
     assert_eq!(h.ordering, Ordering::Header("Order-Key".into()));
     assert_eq!(h.on_missing_key, MissingKey::Subject);
     assert_eq!(h.on_exhausted, OnExhausted::Block);
@@ -126,15 +133,36 @@ fn bad_values_name_handler_and_field() {
             "ack_wait = \"soon\"",
             "handler \"enrich\": ack_wait: \"soon\" is not a duration",
         ),
-        ("concurrency = 0", "concurrency/min_workers must be between 1 and 4096"),
-        ("concurrency = 2\nmax_workers = 4", "cannot be combined with min_workers/max_workers"),
-        ("min_workers = 8\nmax_workers = 4", "min_workers (8) is above max_workers (4)"),
-        ("ordering = \"random\"", "ordering: \"random\" is not an ordering"),
+        (
+            "concurrency = 0",
+            "concurrency/min_workers must be between 1 and 4096",
+        ),
+        (
+            "concurrency = 2\nmax_workers = 4",
+            "cannot be combined with min_workers/max_workers",
+        ),
+        (
+            "min_workers = 8\nmax_workers = 4",
+            "min_workers (8) is above max_workers (4)",
+        ),
+        (
+            "ordering = \"random\"",
+            "ordering: \"random\" is not an ordering",
+        ),
         ("on_exhausted = \"panic\"", "on_exhausted must be"),
-        ("ordering = \"none\"\non_exhausted = \"block\"", "needs an ordering"),
+        (
+            "ordering = \"none\"\non_exhausted = \"block\"",
+            "needs an ordering",
+        ),
         ("on_missing_key = \"drop\"", "on_missing_key must be"),
-        ("max_buffered = 4", "max_buffered (4) is below max_workers (16)"),
-        ("max_ack_pending = 10", "max_ack_pending (10) is below max_buffered (1000)"),
+        (
+            "max_buffered = 4",
+            "max_buffered (4) is below max_workers (16)",
+        ),
+        (
+            "max_ack_pending = 10",
+            "max_ack_pending (10) is below max_buffered (1000)",
+        ),
         (
             "dead_letter = \"dlq.*\"",
             "dead_letter: \"dlq.*\" contains the wildcard",

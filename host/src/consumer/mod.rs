@@ -134,7 +134,10 @@ impl Shared {
 
 /// Creates or updates the handler's durable pull consumer. Every host running the handler
 /// binds the same consumer, which is how they share the stream's messages.
-pub async fn ensure_consumer(js: &jetstream::Context, config: &HandlerConfig) -> anyhow::Result<()> {
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    config: &HandlerConfig,
+) -> anyhow::Result<()> {
     let stream = js.get_stream(&config.stream).await.with_context(|| {
         format!(
             "handler {}: stream {} is not available; declare it with [[stream]] in the config \
@@ -176,7 +179,12 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain_timeout
     spawn_workers(&shared, &workers, &abort);
     let background = CancellationToken::new();
     let aux = TaskTracker::new();
-    aux.spawn(scale(shared.clone(), workers.clone(), abort.clone(), background.clone()));
+    aux.spawn(scale(
+        shared.clone(),
+        workers.clone(),
+        abort.clone(),
+        background.clone(),
+    ));
     aux.spawn(sweep(shared.clone(), background.clone()));
     aux.close();
 
@@ -223,7 +231,10 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain_timeout
         shared.release();
     }
     workers.close();
-    if tokio::time::timeout(drain_timeout, workers.wait()).await.is_err() {
+    if tokio::time::timeout(drain_timeout, workers.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(handler = %shared.name, "drain timeout reached; handing back running messages");
         abort.cancel();
         workers.wait().await;
@@ -251,7 +262,12 @@ async fn work(shared: Arc<Shared>, abort: CancellationToken) {
             ticket = shared.executor.next() => ticket,
             _ = shared.pool.shrunk() => continue,
         };
-        let Some(Ticket { key, seq, item: mut job }) = ticket else {
+        let Some(Ticket {
+            key,
+            seq,
+            item: mut job,
+        }) = ticket
+        else {
             shared.pool.left();
             return;
         };
@@ -260,7 +276,9 @@ async fn work(shared: Arc<Shared>, abort: CancellationToken) {
             worker::process(&shared, &mut job, &abort).await
         };
         match (settled, &key) {
-            (Settled::RetryAt { at, blocked }, Some(key)) if !shared.draining.load(Ordering::Relaxed) => {
+            (Settled::RetryAt { at, blocked }, Some(key))
+                if !shared.draining.load(Ordering::Relaxed) =>
+            {
                 shared.executor.retry(key, seq, job, at, blocked);
             }
             (Settled::RetryAt { .. }, _) => {
@@ -339,7 +357,9 @@ async fn fetch(shared: &Arc<Shared>, puller: &mut Puller, shutdown: &Cancellatio
 
 /// Queues a delivery under its ordering key.
 fn dispatch(shared: &Shared, delivery: Delivery) {
-    shared.server_pending.store(delivery.pending, Ordering::Relaxed);
+    shared
+        .server_pending
+        .store(delivery.pending, Ordering::Relaxed);
     let seq = delivery.stream_sequence;
     let ordering = &shared.config.ordering;
     let mut job = Job::new(delivery);
@@ -402,7 +422,11 @@ async fn sweep(shared: Arc<Shared>, stop: CancellationToken) {
         });
         for reply in due {
             HandlerMetrics::incr(&shared.metrics.progress_acks);
-            if let Err(err) = shared.client.publish(reply, Bytes::from_static(b"+WPI")).await {
+            if let Err(err) = shared
+                .client
+                .publish(reply, Bytes::from_static(b"+WPI"))
+                .await
+            {
                 tracing::warn!(handler = %shared.name, "progress ack failed: {err}");
             }
         }
@@ -410,7 +434,12 @@ async fn sweep(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 /// Refreshes gauges and, for autoscaled pools, applies the scaler's decisions.
-async fn scale(shared: Arc<Shared>, workers: TaskTracker, abort: CancellationToken, stop: CancellationToken) {
+async fn scale(
+    shared: Arc<Shared>,
+    workers: TaskTracker,
+    abort: CancellationToken,
+    stop: CancellationToken,
+) {
     let autoscaled = shared.pool.min() < shared.pool.max();
     let mut scaler = Scaler::new(ScalerConfig {
         min: shared.pool.min(),
@@ -440,11 +469,17 @@ async fn scale(shared: Arc<Shared>, workers: TaskTracker, abort: CancellationTok
         let pool = &shared.pool;
         m.workers.store(pool.live() as i64, Ordering::Relaxed);
         m.busy.store(pool.busy() as i64, Ordering::Relaxed);
-        m.busy_peak.fetch_max(pool.busy_peak() as i64, Ordering::Relaxed);
+        m.busy_peak
+            .fetch_max(pool.busy_peak() as i64, Ordering::Relaxed);
         m.buffered.store(stats.waiting as i64, Ordering::Relaxed);
         m.keys.store(stats.keys as i64, Ordering::Relaxed);
-        m.blocked_keys.store(stats.blocked as i64, Ordering::Relaxed);
-        m.set_blocked(if stats.blocked > 0 { shared.executor.blocked_keys(20) } else { Vec::new() });
+        m.blocked_keys
+            .store(stats.blocked as i64, Ordering::Relaxed);
+        m.set_blocked(if stats.blocked > 0 {
+            shared.executor.blocked_keys(20)
+        } else {
+            Vec::new()
+        });
         if autoscaled {
             let done_now = m.succeeded.load(Ordering::Relaxed);
             let failed_now = m.retried.load(Ordering::Relaxed);
@@ -461,7 +496,8 @@ async fn scale(shared: Arc<Shared>, workers: TaskTracker, abort: CancellationTok
             };
             (completed, failed, last) = (done_now, failed_now, now);
             let decision = scaler.decide(&observation);
-            m.target_workers.store(decision.target as i64, Ordering::Relaxed);
+            m.target_workers
+                .store(decision.target as i64, Ordering::Relaxed);
             if decision.target != pool.target() {
                 let grow = decision.target > pool.target();
                 HandlerMetrics::incr(if grow { &m.scale_ups } else { &m.scale_downs });
@@ -477,7 +513,8 @@ async fn scale(shared: Arc<Shared>, workers: TaskTracker, abort: CancellationTok
                 pool.set_target(decision.target);
             }
         } else {
-            m.target_workers.store(pool.target() as i64, Ordering::Relaxed);
+            m.target_workers
+                .store(pool.target() as i64, Ordering::Relaxed);
         }
         spawn_workers(&shared, &workers, &abort);
     }

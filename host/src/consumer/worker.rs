@@ -162,7 +162,10 @@ async fn process_in_span(shared: &Shared, job: &mut Job, cancel: &CancellationTo
                     blocked: false,
                 };
             }
-            if let Err(err) = delivery.nak(&shared.client, delay, shared.confirm_acks()).await {
+            if let Err(err) = delivery
+                .nak(&shared.client, delay, shared.confirm_acks())
+                .await
+            {
                 ack_failed(shared, "nak", &err);
             }
             Settled::Done

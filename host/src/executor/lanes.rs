@@ -67,7 +67,11 @@ enum Place {
     Unordered,
     Duplicate,
     NewLane(Arc<str>),
-    Lane { key: Arc<str>, at: usize, late: bool },
+    Lane {
+        key: Arc<str>,
+        at: usize,
+        late: bool,
+    },
 }
 
 /// Counts for metrics, flow control and status.

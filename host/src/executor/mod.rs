@@ -24,8 +24,8 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
-pub use lanes::{Pushed, Stats, Ticket};
 use lanes::Lanes;
+pub use lanes::{Pushed, Stats, Ticket};
 
 /// A shared executor for one handler.
 pub struct Executor<T> {

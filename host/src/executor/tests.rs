@@ -23,11 +23,13 @@ struct Msg {
 
 fn messages() -> impl Strategy<Value = Vec<Msg>> {
     prop::collection::vec(
-        (0usize..12, 1u64..5, 0u32..4, 0u64..40).prop_map(|(key, duration, failures, arrival)| Msg {
-            key,
-            duration,
-            failures,
-            arrival,
+        (0usize..12, 1u64..5, 0u32..4, 0u64..40).prop_map(|(key, duration, failures, arrival)| {
+            Msg {
+                key,
+                duration,
+                failures,
+                arrival,
+            }
         }),
         1..150,
     )
@@ -57,7 +59,12 @@ fn simulate(msgs: &[Msg], workers: usize, cap: usize, max_attempts: u32, backoff
     let mut held = 0usize;
     let mut tick = 0u64;
     while completed.len() < msgs.len() {
-        assert!(tick < 100_000, "no progress: {} of {} done", completed.len(), msgs.len());
+        assert!(
+            tick < 100_000,
+            "no progress: {} of {} done",
+            completed.len(),
+            msgs.len()
+        );
         // Finish attempts that are due.
         for slot in slots.iter_mut() {
             let Some(run) = slot.take_if(|r| r.until <= tick) else {
@@ -71,7 +78,11 @@ fn simulate(msgs: &[Msg], workers: usize, cap: usize, max_attempts: u32, backoff
             if failed && *n < max_attempts {
                 lanes.retry(&key, run.seq, run.seq, at(tick + backoff), false);
             } else {
-                assert!(completed.insert(run.seq, !failed).is_none(), "{} completed twice", run.seq);
+                assert!(
+                    completed.insert(run.seq, !failed).is_none(),
+                    "{} completed twice",
+                    run.seq
+                );
                 order.entry(msg.key).or_default().push(run.seq);
                 lanes.done(Some(&key));
                 held -= 1;
@@ -81,7 +92,10 @@ fn simulate(msgs: &[Msg], workers: usize, cap: usize, max_attempts: u32, backoff
         while next_arrival < msgs.len() && msgs[next_arrival].arrival <= tick && held < cap {
             let seq = next_arrival as u64 + 1;
             let key = format!("k{}", msgs[next_arrival].key);
-            assert_eq!(lanes.push(Some(&key), seq, seq), Pushed::Queued { late: false });
+            assert_eq!(
+                lanes.push(Some(&key), seq, seq),
+                Pushed::Queued { late: false }
+            );
             held += 1;
             next_arrival += 1;
         }
@@ -96,7 +110,10 @@ fn simulate(msgs: &[Msg], workers: usize, cap: usize, max_attempts: u32, backoff
                 break;
             };
             let key = ticket.key.clone().expect("ordered");
-            assert!(running_keys.insert(key.clone()), "two in progress for key {key}");
+            assert!(
+                running_keys.insert(key.clone()),
+                "two in progress for key {key}"
+            );
             assert_eq!(format!("k{}", key_of(ticket.seq)), &*key);
             *slot = Some(Running {
                 key: Some(key),
@@ -149,7 +166,11 @@ fn a_key_with_one_message_waits_at_most_one_turn_behind_a_hot_key() {
     assert_eq!(first.key.as_deref(), Some("hot"));
     lanes.done(first.key.as_ref());
     let second = lanes.next(now).unwrap();
-    assert_eq!(second.key.as_deref(), Some("cold"), "served after one turn of the hot key");
+    assert_eq!(
+        second.key.as_deref(),
+        Some("cold"),
+        "served after one turn of the hot key"
+    );
 }
 
 #[test]
@@ -175,15 +196,30 @@ fn ready_keys_rotate() {
 fn duplicates_are_handed_back_and_late_redeliveries_flagged_and_sorted() {
     let mut lanes: Lanes<&str> = Lanes::default();
     let now = Instant::now();
-    assert_eq!(lanes.push(Some("k"), 5, "five"), Pushed::Queued { late: false });
+    assert_eq!(
+        lanes.push(Some("k"), 5, "five"),
+        Pushed::Queued { late: false }
+    );
     let running = lanes.next(now).unwrap();
     assert_eq!(running.seq, 5);
     // The same sequence again, while it runs: a duplicate delivery.
-    assert_eq!(lanes.push(Some("k"), 5, "again"), Pushed::Duplicate("again"));
-    assert_eq!(lanes.push(Some("k"), 9, "nine"), Pushed::Queued { late: false });
-    assert_eq!(lanes.push(Some("k"), 9, "nine again"), Pushed::Duplicate("nine again"));
+    assert_eq!(
+        lanes.push(Some("k"), 5, "again"),
+        Pushed::Duplicate("again")
+    );
+    assert_eq!(
+        lanes.push(Some("k"), 9, "nine"),
+        Pushed::Queued { late: false }
+    );
+    assert_eq!(
+        lanes.push(Some("k"), 9, "nine again"),
+        Pushed::Duplicate("nine again")
+    );
     // A lower sequence arriving late runs before 9, after the running 5.
-    assert_eq!(lanes.push(Some("k"), 3, "three"), Pushed::Queued { late: true });
+    assert_eq!(
+        lanes.push(Some("k"), 3, "three"),
+        Pushed::Queued { late: true }
+    );
     assert!(lanes.next(now).is_none(), "key k is busy");
     lanes.done(running.key.as_ref());
     assert_eq!(lanes.next(now).unwrap().item, "three");
@@ -205,7 +241,10 @@ fn a_retried_item_blocks_its_key_until_its_time() {
     let other = lanes.next(now).unwrap();
     assert_eq!(other.seq, 3, "other keys go on");
     lanes.done(other.key.as_ref());
-    assert!(lanes.next(now).is_none(), "k's later message must not overtake");
+    assert!(
+        lanes.next(now).is_none(),
+        "k's later message must not overtake"
+    );
     assert_eq!(lanes.next_deadline(), Some(now + Duration::from_secs(1)));
     let again = lanes.next(now + Duration::from_secs(1)).unwrap();
     assert_eq!(again.seq, 1);
@@ -225,7 +264,13 @@ fn take_waiting_returns_everything_not_running() {
     let t = lanes.next(now).unwrap();
     assert_eq!(t.seq, 1);
     let t2 = lanes.next(now).unwrap();
-    lanes.retry(t2.key.as_ref().unwrap(), t2.seq, t2.item, now + Duration::from_secs(60), false);
+    lanes.retry(
+        t2.key.as_ref().unwrap(),
+        t2.seq,
+        t2.item,
+        now + Duration::from_secs(60),
+        false,
+    );
     let mut rest = lanes.take_waiting();
     rest.sort_unstable();
     assert_eq!(rest, [2, 3, 4]);
@@ -244,7 +289,13 @@ async fn workers_wake_for_pushes_retries_and_close() {
                 if t.seq == 1 && !seen.contains(&1) {
                     seen.push(1);
                     let key = t.key.clone().unwrap();
-                    ex.retry(&key, 1, 1, Instant::now() + Duration::from_millis(30), false);
+                    ex.retry(
+                        &key,
+                        1,
+                        1,
+                        Instant::now() + Duration::from_millis(30),
+                        false,
+                    );
                     continue;
                 }
                 seen.push(t.seq);
@@ -258,13 +309,23 @@ async fn workers_wake_for_pushes_retries_and_close() {
     };
     ex.push(Some("k"), 1, 1);
     ex.push(Some("k"), 2, 2);
-    let seen = tokio::time::timeout(Duration::from_secs(5), worker).await.unwrap().unwrap();
-    assert_eq!(seen, [1, 1, 2], "the retry ran after its delay, before the key's next message");
+    let seen = tokio::time::timeout(Duration::from_secs(5), worker)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        seen,
+        [1, 1, 2],
+        "the retry ran after its delay, before the key's next message"
+    );
     let idle = {
         let ex = ex.clone();
         tokio::spawn(async move { ex.next().await.is_none() })
     };
     tokio::task::yield_now().await;
     ex.close();
-    assert!(tokio::time::timeout(Duration::from_secs(5), idle).await.unwrap().unwrap());
+    assert!(tokio::time::timeout(Duration::from_secs(5), idle)
+        .await
+        .unwrap()
+        .unwrap());
 }

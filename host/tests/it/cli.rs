@@ -219,7 +219,10 @@ async fn sigterm_under_load_drains_and_exits_zero_leaving_nothing_for_ack_wait()
 
     let info = env.consumer_info("JOBS", "flaky").await;
     let acked_before = info.ack_floor.stream_sequence;
-    assert!(acked_before < TOTAL, "the drain should have handed messages back");
+    assert!(
+        acked_before < TOTAL,
+        "the drain should have handed messages back"
+    );
 
     // Nothing is left waiting for AckWait (60s here): another host gets every remaining
     // message at once, and in the end every message is acked, none lost, and the host that

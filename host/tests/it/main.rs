@@ -2,5 +2,6 @@
 
 mod cli;
 mod end_to_end;
+mod engine;
 mod sandbox;
 mod support;
