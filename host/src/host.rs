@@ -163,7 +163,12 @@ fn load(
         backend,
         metrics,
     });
-    runtime.load_handler(&handler.module, handler.limits.clone(), caps)
+    runtime.load_handler(
+        &handler.module,
+        handler.limits.clone(),
+        handler.isolation,
+        caps,
+    )
 }
 
 fn runtime_config(config: &Config) -> RuntimeConfig {

@@ -14,7 +14,9 @@ use anyhow::Context as _;
 
 use crate::capabilities::{Grants, HandlerCaps, MemoryBackend, Recorded, SubjectPattern};
 use crate::config::HandlerConfig;
-use crate::runtime::{GuestMessage, HeaderParam, Invoked, Limits, Outcome, Runtime, RuntimeConfig};
+use crate::runtime::{
+    GuestMessage, HeaderParam, Invoked, Isolation, Limits, Outcome, Runtime, RuntimeConfig,
+};
 use crate::telemetry::HandlerMetrics;
 
 /// What to run.
@@ -109,7 +111,7 @@ pub async fn invoke(req: InvokeRequest) -> anyhow::Result<InvokeReport> {
         backend: backend.clone(),
         metrics: metrics.clone(),
     });
-    let module = runtime.load_handler(&req.module, limits, caps)?;
+    let module = runtime.load_handler(&req.module, limits, Isolation::Fresh, caps)?;
 
     let mut grouped: Vec<(&str, Vec<&str>)> = Vec::new();
     for (name, value) in &req.headers {
@@ -139,7 +141,7 @@ pub async fn invoke(req: InvokeRequest) -> anyhow::Result<InvokeReport> {
         published_unix_nanos: now,
         handler: &name,
     };
-    let invoked = module.invoke(msg, "LOCAL".into()).await;
+    let invoked = module.invoke(&mut None, msg, "LOCAL".into()).await;
     Ok(InvokeReport {
         handler: name,
         invoked,

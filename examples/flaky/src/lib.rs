@@ -26,6 +26,8 @@
 //! | `chain:N`          | publishes `chain:N-1` to its own subject (while N > 0), succeeds   |
 //! | `wait-kv:B/K`      | polls KV bucket B until key K exists (up to 20s), then succeeds     |
 //! | `kv-set:B/K`       | writes key K in bucket B                                            |
+//! | `calls`            | publishes how many times this instance was called (1 when every   |
+//! |                    | message gets a fresh instance) to the `output-subject` setting      |
 //! | `sandbox`          | tries to read files, environment and the network; rejects with a   |
 //! |                    | report if anything was reachable, succeeds if nothing was           |
 //!
@@ -143,6 +145,12 @@ fn handle(msg: Message) -> Result<(), Error> {
         "kv-set" => {
             let (bucket, key) = bucket_key(arg)?;
             kv::put(bucket, key, b"set")?;
+            Ok(())
+        }
+        "calls" => {
+            static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            publish(&config::require("output-subject")?, n.to_string())?;
             Ok(())
         }
         "sandbox" => sandbox_report(),

@@ -155,6 +155,11 @@ impl CallContext {
         self.pending
     }
 
+    /// Takes the publishes made so far (to confirm them), leaving none.
+    pub fn take_pending(&mut self) -> Vec<PendingPublish> {
+        std::mem::take(&mut self.pending)
+    }
+
     /// How many publishes this call made.
     pub fn publish_count(&self) -> u32 {
         self.publishes

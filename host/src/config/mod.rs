@@ -18,7 +18,7 @@ use anyhow::{bail, Context as _};
 use crate::backoff::{Backoff, OnExhausted, RetryPolicy};
 use crate::capabilities::SubjectPattern;
 use crate::ordering::{MissingKey, Ordering};
-use crate::runtime::Limits;
+use crate::runtime::{Isolation, Limits};
 
 pub use units::{parse_duration, parse_size};
 
@@ -160,6 +160,8 @@ pub struct HandlerConfig {
     pub max_ack_pending: i64,
     /// How long the backlog must stay drained before the pool shrinks.
     pub scale_cooldown: Duration,
+    /// A fresh instance per message (default), or warm instances reused by each worker.
+    pub isolation: Isolation,
     /// JetStream AckWait; progress acks are sent every half of it.
     pub ack_wait: Duration,
     /// Where rejected and exhausted messages go.
@@ -406,6 +408,23 @@ fn convert_handler(
              set it to at least hosts × max_buffered"
         );
     }
+    let isolation = match (h.isolation.as_deref(), h.reuse_limit) {
+        (None | Some("fresh"), None) => Isolation::Fresh,
+        (None | Some("fresh"), Some(_)) => {
+            bail!("{ctx}: reuse_limit only applies with isolation = \"reuse\"")
+        }
+        (Some("reuse"), limit) => {
+            let max_uses = limit.unwrap_or(1000);
+            if max_uses == 0 {
+                bail!("{ctx}: reuse_limit must be at least 1");
+            }
+            Isolation::Reuse { max_uses }
+        }
+        (Some(other), _) => bail!(
+            "{ctx}: isolation must be \"fresh\" (a new instance per message) or \"reuse\" \
+             (warm instances, for trusted stateless handlers), got {other:?}"
+        ),
+    };
     let scale_cooldown =
         opt_duration(&ctx, "scale_cooldown", h.scale_cooldown)?.unwrap_or(Duration::from_secs(10));
     let ack_wait = opt_duration(&ctx, "ack_wait", h.ack_wait)?.unwrap_or(Duration::from_secs(30));
@@ -459,6 +478,7 @@ fn convert_handler(
         max_keys,
         max_ack_pending,
         scale_cooldown,
+        isolation,
         ack_wait,
         dead_letter: h.dead_letter,
         retry,

@@ -93,6 +93,8 @@ pub struct RawHandler {
     pub max_keys: Option<u32>,
     pub max_ack_pending: Option<i64>,
     pub scale_cooldown: Option<String>,
+    pub isolation: Option<String>,
+    pub reuse_limit: Option<u32>,
     pub ack_wait: Option<String>,
     pub dead_letter: Option<String>,
     #[serde(default)]

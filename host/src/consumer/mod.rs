@@ -254,6 +254,8 @@ fn spawn_workers(shared: &Arc<Shared>, workers: &TaskTracker, abort: &Cancellati
 
 /// One worker: takes the next runnable message, runs and settles it, until retired or closed.
 async fn work(shared: Arc<Shared>, abort: CancellationToken) {
+    // This worker's warm instance under `isolation = "reuse"`; always empty otherwise.
+    let mut warm = None;
     loop {
         if shared.pool.try_retire() {
             return;
@@ -273,7 +275,7 @@ async fn work(shared: Arc<Shared>, abort: CancellationToken) {
         };
         let settled = {
             let _busy = shared.pool.busy_guard();
-            worker::process(&shared, &mut job, &abort).await
+            worker::process(&shared, &mut job, &mut warm, &abort).await
         };
         match (settled, &key) {
             (Settled::RetryAt { at, blocked }, Some(key))

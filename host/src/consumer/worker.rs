@@ -24,7 +24,7 @@ use super::delivery::{header_params, Delivery, Job};
 use super::settle::{self, DeadLetterCause, Disposition};
 use super::Shared;
 use crate::backoff::OnExhausted;
-use crate::runtime::{FailureKind, GuestMessage, Invoked, Outcome};
+use crate::runtime::{FailureKind, GuestMessage, Invoked, Outcome, Warm};
 use crate::telemetry::HandlerMetrics;
 
 /// What became of a message after one attempt.
@@ -44,7 +44,12 @@ pub enum Settled {
 
 /// Runs and settles one attempt of a held message. `cancel` aborts a running handler at the
 /// drain deadline; the message is then nak'ed so another host takes it at once.
-pub async fn process(shared: &Shared, job: &mut Job, cancel: &CancellationToken) -> Settled {
+pub async fn process(
+    shared: &Shared,
+    job: &mut Job,
+    warm: &mut Option<Warm>,
+    cancel: &CancellationToken,
+) -> Settled {
     let span = tracing::info_span!(
         "message",
         handler = %shared.name,
@@ -52,10 +57,17 @@ pub async fn process(shared: &Shared, job: &mut Job, cancel: &CancellationToken)
         stream_seq = job.delivery.stream_sequence,
         attempt = job.attempt(),
     );
-    process_in_span(shared, job, cancel).instrument(span).await
+    process_in_span(shared, job, warm, cancel)
+        .instrument(span)
+        .await
 }
 
-async fn process_in_span(shared: &Shared, job: &mut Job, cancel: &CancellationToken) -> Settled {
+async fn process_in_span(
+    shared: &Shared,
+    job: &mut Job,
+    warm: &mut Option<Warm>,
+    cancel: &CancellationToken,
+) -> Settled {
     let m = &shared.metrics;
     let attempt = job.attempt();
     HandlerMetrics::incr(&m.received);
@@ -100,7 +112,7 @@ async fn process_in_span(shared: &Shared, job: &mut Job, cancel: &CancellationTo
             published_unix_nanos: delivery.published_unix_nanos,
             handler: &shared.name,
         };
-        let invocation = shared.module.invoke(msg, shared.stream.clone());
+        let invocation = shared.module.invoke(warm, msg, shared.stream.clone());
         tokio::select! {
             invoked = keep_alive(shared, delivery, &mut job.touched, invocation) => invoked,
             _ = cancel.cancelled() => {

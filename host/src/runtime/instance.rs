@@ -8,10 +8,24 @@ use wasmtime::{ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::mailroom::handler::types::HandlerError;
+use super::bindings::Handler;
 use super::module::HandlerModule;
 use super::stdio::{Capture, Captured};
 use super::GuestMessage;
 use crate::capabilities::{CallContext, PendingPublish};
+
+/// Whether each message gets a fresh instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// A fresh instance per message (the default): nothing leaks between messages.
+    Fresh,
+    /// For trusted, stateless handlers: each worker reuses a warm instance for up to
+    /// `max_uses` messages; it is discarded after any trap, timeout or cancelled call.
+    Reuse {
+        /// Messages per instance.
+        max_uses: u32,
+    },
+}
 
 /// The limits every call of a handler runs under.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,13 +175,113 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
+/// A warm instance kept by one worker between calls under [`Isolation::Reuse`].
+pub struct Warm {
+    store: Store<HostState>,
+    handler: Handler,
+    capture: Capture,
+    uses: u32,
+}
+
 impl HandlerModule {
-    /// Runs one message in a fresh instance and reports how it ended.
+    /// Runs one message and reports how it ended: in a fresh instance, or under
+    /// [`Isolation::Reuse`] in the worker's `warm` instance (created when absent).
     ///
     /// Never panics and never returns an error: every failure of the guest is an
-    /// [`Outcome::Failed`]. The guest's output is logged after the call.
-    pub async fn invoke(&self, msg: GuestMessage<'_>, stream: Arc<str>) -> Invoked {
+    /// [`Outcome::Failed`]. A warm instance is kept only after a call that returned (ok or a
+    /// handler error); after a trap, a timeout, or a call cancelled by dropping this future it
+    /// is gone, because an interrupted instance can never be entered again. The guest's output
+    /// is logged after the call.
+    pub async fn invoke(
+        &self,
+        warm: &mut Option<Warm>,
+        msg: GuestMessage<'_>,
+        stream: Arc<str>,
+    ) -> Invoked {
         let start = Instant::now();
+        let call_state = CallContext::new(self.caps.clone(), stream, msg.sequence);
+        // Taken out for the call, so that a call dropped half-way drops the instance with it.
+        let (mut store, capture, handler, uses) = match (self.isolation, warm.take()) {
+            (Isolation::Reuse { .. }, Some(w)) => {
+                let mut store = w.store;
+                let data = store.data_mut();
+                data.call = call_state;
+                data.limiter.denied = None;
+                (store, w.capture, Some(w.handler), w.uses)
+            }
+            _ => {
+                let (store, capture) = self.new_store(call_state);
+                (store, capture, None, 0)
+            }
+        };
+        store.set_epoch_deadline(1);
+
+        let call = async {
+            let handler = match handler {
+                Some(handler) => handler,
+                None => self
+                    .pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(|err| (true, err))?,
+            };
+            let result = handler
+                .call_handle(&mut store, msg)
+                .await
+                .map_err(|err| (false, err))?;
+            Ok::<_, (bool, wasmtime::Error)>((handler, result))
+        };
+        let result = tokio::time::timeout(self.limits.timeout, call).await;
+        let captured = capture.take();
+        let (outcome, reusable) = match result {
+            Ok(Ok((handler, result))) => (
+                match result {
+                    Ok(()) => Outcome::Success,
+                    Err(HandlerError::Retry(info)) => Outcome::Retry {
+                        reason: info.reason,
+                        delay: info.delay_ms.map(Duration::from_millis),
+                    },
+                    Err(HandlerError::Reject(reason)) => Outcome::Reject { reason },
+                },
+                Some(handler),
+            ),
+            Ok(Err((instantiating, err))) => (
+                Outcome::Failed(classify(
+                    instantiating,
+                    &err,
+                    &store.data().limiter,
+                    &captured,
+                )),
+                None,
+            ),
+            Err(_elapsed) => (
+                Outcome::Failed(Failure {
+                    kind: FailureKind::Timeout,
+                    reason: format!("stopped after the time limit of {:?}", self.limits.timeout),
+                }),
+                None,
+            ),
+        };
+        self.log_output(&captured);
+        let publishes = store.data_mut().call.take_pending();
+        if let (Isolation::Reuse { max_uses }, Some(handler)) = (self.isolation, reusable) {
+            if uses + 1 < max_uses {
+                *warm = Some(Warm {
+                    store,
+                    handler,
+                    capture,
+                    uses: uses + 1,
+                });
+            }
+        }
+        Invoked {
+            outcome,
+            publishes,
+            elapsed: start.elapsed(),
+        }
+    }
+
+    fn new_store(&self, call: CallContext) -> (Store<HostState>, Capture) {
         let capture = Capture::new(self.limits.output_bytes);
         let wasi = WasiCtxBuilder::new()
             .stdout(capture.stdout())
@@ -180,50 +294,14 @@ impl HandlerModule {
                 limit: self.limits.memory,
                 denied: None,
             },
-            call: CallContext::new(self.caps.clone(), stream, msg.sequence),
+            call,
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|s| &mut s.limiter);
         // Yield to the async executor at every epoch tick: a guest computing for a long time
-        // then shares its thread with other tasks, and the timeout below gets a chance to fire.
-        store.set_epoch_deadline(1);
+        // then shares its thread with other tasks, and the timeout gets a chance to fire.
         store.epoch_deadline_async_yield_and_update(1);
-
-        let call = async {
-            let handler = self
-                .pre
-                .instantiate_async(&mut store)
-                .await
-                .map_err(|err| (true, err))?;
-            handler
-                .call_handle(&mut store, msg)
-                .await
-                .map_err(|err| (false, err))
-        };
-        let result = tokio::time::timeout(self.limits.timeout, call).await;
-        let captured = capture.take();
-        let state = store.into_data();
-        let outcome = match result {
-            Ok(Ok(Ok(()))) => Outcome::Success,
-            Ok(Ok(Err(HandlerError::Retry(info)))) => Outcome::Retry {
-                reason: info.reason,
-                delay: info.delay_ms.map(Duration::from_millis),
-            },
-            Ok(Ok(Err(HandlerError::Reject(reason)))) => Outcome::Reject { reason },
-            Ok(Err((instantiating, err))) => {
-                Outcome::Failed(classify(instantiating, &err, &state.limiter, &captured))
-            }
-            Err(_elapsed) => Outcome::Failed(Failure {
-                kind: FailureKind::Timeout,
-                reason: format!("stopped after the time limit of {:?}", self.limits.timeout),
-            }),
-        };
-        self.log_output(&captured);
-        Invoked {
-            outcome,
-            publishes: state.call.into_pending(),
-            elapsed: start.elapsed(),
-        }
+        (store, capture)
     }
 
     fn log_output(&self, captured: &Captured) {

@@ -30,7 +30,7 @@ use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAlloc
 use crate::capabilities::CallContext;
 
 pub use bindings::mailroom::handler::types::{HeaderParam, Message as GuestMessage};
-pub use instance::{Failure, FailureKind, Invoked, Limits, Outcome};
+pub use instance::{Failure, FailureKind, Invoked, Isolation, Limits, Outcome, Warm};
 pub use module::HandlerModule;
 
 pub(crate) use instance::HostState;

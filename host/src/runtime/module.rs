@@ -18,6 +18,7 @@ pub struct HandlerModule {
     pub(super) name: Arc<str>,
     pub(super) pre: HandlerPre<HostState>,
     pub(super) limits: Limits,
+    pub(super) isolation: super::Isolation,
     pub(super) caps: Arc<HandlerCaps>,
     /// Keeps the engine's epoch ticking for as long as the module can run: without it time
     /// limits never fire and a spinning guest never yields its thread.
@@ -64,6 +65,7 @@ impl Runtime {
         &self,
         path: &Path,
         limits: Limits,
+        isolation: super::Isolation,
         caps: Arc<HandlerCaps>,
     ) -> anyhow::Result<HandlerModule> {
         let component = self.compile(path)?;
@@ -86,6 +88,7 @@ impl Runtime {
             name: caps.name.clone(),
             pre,
             limits,
+            isolation,
             caps,
             _ticker: self._ticker.clone(),
         })

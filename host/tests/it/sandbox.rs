@@ -196,3 +196,94 @@ async fn modules_are_checked_at_load_with_errors_that_name_the_problem() {
     );
     assert!(err.contains("acme:secret/vault@1.0.0"), "{err}");
 }
+
+mod reuse {
+    use std::sync::Arc;
+
+    use mailroom::capabilities::{Grants, HandlerCaps, MemoryBackend, Recorded, SubjectPattern};
+    use mailroom::runtime::{
+        GuestMessage, HandlerModule, Isolation, Limits, Outcome, Runtime, RuntimeConfig, Warm,
+    };
+
+    use crate::support::{target_dir, wasm};
+
+    fn module(isolation: Isolation) -> (HandlerModule, Arc<MemoryBackend>) {
+        let runtime = Runtime::new(&RuntimeConfig {
+            max_instances: 4,
+            cache_dir: Some(target_dir().join("mailroom-test-cache")),
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        let backend = Arc::new(MemoryBackend::new(1 << 20));
+        let caps = Arc::new(HandlerCaps {
+            name: "flaky".into(),
+            grants: Grants {
+                publish: vec![SubjectPattern::parse(">").unwrap()],
+                kv_buckets: vec![],
+            },
+            settings: [("output-subject".to_owned(), "out".to_owned())].into(),
+            max_publishes: 10,
+            log_budget: 1 << 16,
+            backend: backend.clone(),
+            metrics: Arc::default(),
+        });
+        let module = runtime
+            .load_handler(&wasm("flaky"), Limits::default(), isolation, caps)
+            .unwrap();
+        (module, backend)
+    }
+
+    async fn call(module: &HandlerModule, warm: &mut Option<Warm>, payload: &str) -> Outcome {
+        let msg = GuestMessage {
+            subject: "jobs.x",
+            payload: payload.as_bytes(),
+            headers: &[],
+            stream: "S",
+            sequence: 1,
+            attempt: 1,
+            published_unix_nanos: 0,
+            handler: "flaky",
+        };
+        module.invoke(warm, msg, "S".into()).await.outcome
+    }
+
+    fn published(backend: &MemoryBackend) -> Vec<String> {
+        backend
+            .recorded()
+            .into_iter()
+            .filter_map(|r| match r {
+                Recorded::Publish(o) => Some(String::from_utf8(o.payload).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_warm_instance_is_reused_up_to_its_limit_and_dropped_after_a_trap() {
+        let (module, backend) = module(Isolation::Reuse { max_uses: 3 });
+        let mut warm = None;
+        for _ in 0..4 {
+            assert_eq!(call(&module, &mut warm, "calls").await, Outcome::Success);
+        }
+        assert!(warm.is_some());
+        assert!(matches!(
+            call(&module, &mut warm, "trap").await,
+            Outcome::Failed(_)
+        ));
+        assert!(warm.is_none(), "a trapped instance is never entered again");
+        assert_eq!(call(&module, &mut warm, "calls").await, Outcome::Success);
+        // Three calls per instance, then a fresh one; the trap discarded the second.
+        assert_eq!(published(&backend), ["1", "2", "3", "1", "1"]);
+    }
+
+    #[tokio::test]
+    async fn fresh_isolation_never_shares_state() {
+        let (module, backend) = module(Isolation::Fresh);
+        let mut warm = None;
+        for _ in 0..3 {
+            assert_eq!(call(&module, &mut warm, "calls").await, Outcome::Success);
+            assert!(warm.is_none());
+        }
+        assert_eq!(published(&backend), ["1", "1", "1"]);
+    }
+}
