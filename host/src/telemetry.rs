@@ -10,6 +10,86 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+/// A lock-free latency histogram: log-linear buckets with 8 per power of two (about 9%
+/// resolution) from 1µs to about 12 days. Recording is one atomic add.
+pub struct Histogram {
+    buckets: Box<[AtomicU64]>,
+}
+
+const SUB_BUCKETS: u32 = 8;
+const BUCKETS: usize = 40 * SUB_BUCKETS as usize;
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Histogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Histogram")
+            .field("count", &self.count())
+            .finish()
+    }
+}
+
+impl Histogram {
+    fn index(micros: u64) -> usize {
+        let v = micros.max(1);
+        let octave = 63 - v.leading_zeros();
+        // The 3 bits below the leading one pick the sub-bucket.
+        let sub = if octave >= 3 {
+            (v >> (octave - 3)) & 7
+        } else {
+            (v << (3 - octave)) & 7
+        };
+        ((octave * SUB_BUCKETS) as usize + sub as usize).min(BUCKETS - 1)
+    }
+
+    /// The upper bound of bucket `i`, in microseconds.
+    fn upper(i: usize) -> u64 {
+        let octave = (i / SUB_BUCKETS as usize) as u32;
+        let sub = (i % SUB_BUCKETS as usize) as u64;
+        let base = 1u64 << octave;
+        base + (base * (sub + 1)) / SUB_BUCKETS as u64
+    }
+
+    /// Records one duration.
+    pub fn record(&self, d: std::time::Duration) {
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.buckets[Self::index(micros)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many durations were recorded.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The `q` quantile (0..=1), as the upper bound of its bucket; `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<std::time::Duration> {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(std::time::Duration::from_micros(Self::upper(i)));
+            }
+        }
+        None
+    }
+}
+
 /// Live counters of one handler.
 #[derive(Debug, Default)]
 pub struct HandlerMetrics {
@@ -62,6 +142,8 @@ pub struct HandlerMetrics {
     /// Keys blocked by a message that exhausted its attempts (`on_exhausted = "block"`).
     pub blocked_keys: AtomicI64,
     blocked: Mutex<Vec<String>>,
+    /// Time from a message's publish to its ack (successes only).
+    pub latency: Histogram,
 }
 
 /// A point-in-time copy of [`HandlerMetrics`].
@@ -115,6 +197,10 @@ pub struct MetricsSnapshot {
     pub keys: i64,
     /// See [`HandlerMetrics::blocked_keys`].
     pub blocked_keys: i64,
+    /// Median publish-to-ack latency of successful messages, in microseconds.
+    pub latency_p50_us: u64,
+    /// 99th percentile publish-to-ack latency, in microseconds.
+    pub latency_p99_us: u64,
 }
 
 impl HandlerMetrics {
@@ -151,6 +237,14 @@ impl HandlerMetrics {
             buffered: self.buffered.load(Ordering::Relaxed),
             keys: self.keys.load(Ordering::Relaxed),
             blocked_keys: self.blocked_keys.load(Ordering::Relaxed),
+            latency_p50_us: self
+                .latency
+                .quantile(0.5)
+                .map_or(0, |d| d.as_micros() as u64),
+            latency_p99_us: self
+                .latency
+                .quantile(0.99)
+                .map_or(0, |d| d.as_micros() as u64),
         }
     }
 
@@ -216,7 +310,7 @@ impl Metrics {
     pub fn render_prometheus(&self) -> String {
         let snapshots = self.snapshot();
         let mut out = String::new();
-        let series: [Series; 24] = [
+        let series: [Series; 26] = [
             ("received_total", "counter", |s| s.received as i64),
             ("redelivered_total", "counter", |s| s.redelivered as i64),
             ("succeeded_total", "counter", |s| s.succeeded as i64),
@@ -245,6 +339,12 @@ impl Metrics {
             ("buffered", "gauge", |s| s.buffered),
             ("keys", "gauge", |s| s.keys),
             ("blocked_keys", "gauge", |s| s.blocked_keys),
+            ("latency_p50_microseconds", "gauge", |s| {
+                s.latency_p50_us as i64
+            }),
+            ("latency_p99_microseconds", "gauge", |s| {
+                s.latency_p99_us as i64
+            }),
         ];
         for (name, kind, get) in series {
             let _ = writeln!(out, "# TYPE mailroom_{name} {kind}");
@@ -257,5 +357,46 @@ impl Metrics {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn histogram_quantiles_are_within_a_bucket() {
+        let h = Histogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        for ms in 1..=1000u64 {
+            h.record(Duration::from_millis(ms));
+        }
+        assert_eq!(h.count(), 1000);
+        let p50 = h.quantile(0.5).unwrap().as_micros() as f64;
+        let p99 = h.quantile(0.99).unwrap().as_micros() as f64;
+        assert!((500_000.0..=500_000.0 * 1.13).contains(&p50), "{p50}");
+        assert!((990_000.0..=990_000.0 * 1.13).contains(&p99), "{p99}");
+        h.record(Duration::ZERO);
+        h.record(Duration::MAX);
+        assert_eq!(h.count(), 1002);
+    }
+
+    #[test]
+    fn bucket_bounds_cover_their_values() {
+        for v in [1u64, 2, 3, 7, 8, 9, 15, 16, 17, 100, 1000, 123_456, 1 << 30] {
+            let i = Histogram::index(v);
+            assert!(
+                Histogram::upper(i) >= v,
+                "{v} above bucket {i}'s bound {}",
+                Histogram::upper(i)
+            );
+            if i > 0 {
+                assert!(
+                    Histogram::upper(i - 1) <= v,
+                    "{v} belongs lower than bucket {i}"
+                );
+            }
+        }
     }
 }

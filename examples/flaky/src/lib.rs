@@ -31,6 +31,17 @@
 //! | `sandbox`          | tries to read files, environment and the network; rejects with a   |
 //! |                    | report if anything was reachable, succeeds if nothing was           |
 //!
+//! | `record-exec:MS`   | sleeps MS ms, then publishes "SUBJECT SEQUENCE ATTEMPT" to the      |
+//! |                    | `output-subject` setting (deduplicated across re-runs) and to      |
+//! |                    | `execs.<stream>` with the id `exec-SEQUENCE-ATTEMPT` (one per run)   |
+//! | `poison`           | publishes an exec record like `record-exec`, then asks for a retry  |
+//! |                    | (every attempt fails)                                               |
+//! | `echo-meta`        | publishes "PAYLOAD-BYTES HEADER-NAMES VALUES-OF-X-Many TOKENS" to   |
+//! |                    | the `output-subject` setting                                        |
+//!
+//! A `Flaky-Command` header, when present, is the command instead of the payload, so the
+//! payload can be anything (binary, empty, huge).
+//!
 //! Any other payload is rejected.
 
 use std::time::Duration;
@@ -38,7 +49,10 @@ use std::time::Duration;
 use mailroom_sdk::{config, kv, publish, Error, Message};
 
 fn handle(msg: Message) -> Result<(), Error> {
-    let text = msg.text()?.trim().to_owned();
+    let text = match msg.header("Flaky-Command") {
+        Some(command) => command.trim().to_owned(),
+        None => msg.text()?.trim().to_owned(),
+    };
     let (command, arg) = match text.split_once(':') {
         Some((command, arg)) => (command, arg),
         None => (text.as_str(), ""),
@@ -123,6 +137,39 @@ fn handle(msg: Message) -> Result<(), Error> {
             let output = config::require("output-subject")?;
             let line = format!("{} {} {}", msg.subject(), msg.sequence(), attempt);
             publish(&output, line)?;
+            Ok(())
+        }
+        "record-exec" => {
+            std::thread::sleep(Duration::from_millis(number()?));
+            let line = format!("{} {} {}", msg.subject(), msg.sequence(), attempt);
+            let exec_id = format!("exec-{}-{attempt}", msg.sequence());
+            mailroom_sdk::publish_with_headers(
+                &format!("execs.{}", msg.stream()),
+                &line,
+                &[("Nats-Msg-Id", &exec_id)],
+            )?;
+            publish(&config::require("output-subject")?, line)?;
+            Ok(())
+        }
+        "poison" => {
+            let exec_id = format!("exec-{}-{attempt}", msg.sequence());
+            mailroom_sdk::publish_with_headers(
+                &format!("execs.{}", msg.stream()),
+                format!("{} {} {}", msg.subject(), msg.sequence(), attempt),
+                &[("Nats-Msg-Id", &exec_id)],
+            )?;
+            Err(Error::retry(format!("flaky: poison attempt {attempt}")))
+        }
+        "echo-meta" => {
+            let names: std::collections::BTreeSet<&str> = msg.headers().map(|(n, _)| n).collect();
+            let line = format!(
+                "{} {} {} {}",
+                msg.payload().len(),
+                names.len(),
+                msg.header_values("X-Many").count(),
+                msg.subject().split('.').count()
+            );
+            publish(&config::require("output-subject")?, line)?;
             Ok(())
         }
         "chain" => {

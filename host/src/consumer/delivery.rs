@@ -65,6 +65,14 @@ impl Delivery {
         self.message.headers.as_ref()?.get(name).map(|v| v.as_str())
     }
 
+    /// Time since the stream stored the message (zero if the clocks disagree).
+    pub fn since_published(&self) -> Duration {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
+        Duration::from_nanos(now.saturating_sub(self.published_unix_nanos).max(0) as u64)
+    }
+
     /// The subject acknowledgements go to.
     pub fn reply(&self) -> &Subject {
         &self.reply

@@ -159,7 +159,10 @@ async fn process_in_span(
         Disposition::Ack => {
             tracing::debug!(?elapsed, "handled");
             match delivery.ack(&shared.client, shared.confirm_acks()).await {
-                Ok(()) => HandlerMetrics::incr(&m.succeeded),
+                Ok(()) => {
+                    HandlerMetrics::incr(&m.succeeded);
+                    m.latency.record(delivery.since_published());
+                }
                 Err(err) => ack_failed(shared, "ack", &err),
             }
             Settled::Done

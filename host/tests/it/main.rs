@@ -3,5 +3,6 @@
 mod cli;
 mod end_to_end;
 mod engine;
+mod faults;
 mod sandbox;
 mod support;
