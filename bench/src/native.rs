@@ -31,12 +31,12 @@ pub struct Drained {
     pub usage: Usage,
 }
 
-async fn bind(js: &jetstream::Context, stream: &str) -> anyhow::Result<pull::Stream> {
+async fn bind(js: &jetstream::Context, stream: &str) -> anyhow::Result<jetstream::consumer::PullConsumer> {
     let stream_handle = js
         .get_stream(stream)
         .await
         .with_context(|| format!("looking up stream {stream}"))?;
-    let consumer = stream_handle
+    stream_handle
         .create_consumer(pull::Config {
             durable_name: Some("native".to_owned()),
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
@@ -45,7 +45,11 @@ async fn bind(js: &jetstream::Context, stream: &str) -> anyhow::Result<pull::Str
             ..Default::default()
         })
         .await
-        .with_context(|| format!("creating the native consumer on {stream}"))?;
+        .with_context(|| format!("creating the native consumer on {stream}"))
+}
+
+/// The first pull: a message stream asking for [`BATCH`] messages at a time.
+async fn pull(consumer: &jetstream::consumer::PullConsumer) -> anyhow::Result<pull::Stream> {
     consumer
         .stream()
         .max_messages_per_batch(BATCH)
@@ -81,9 +85,11 @@ async fn next_message(messages: &mut pull::Stream, got: u64) -> anyhow::Result<j
 pub async fn plain(client: async_nats::Client, stream: &str, n: u64) -> anyhow::Result<Drained> {
     let js = jetstream::new(client);
     let latency = Histogram::default();
-    let meter = Meter::start();
+    let mut meter = Meter::start();
+    let consumer = bind(&js, stream).await?;
+    meter.restart_cpu();
     let started = Instant::now();
-    let mut messages = bind(&js, stream).await?;
+    let mut messages = pull(&consumer).await?;
     for got in 0..n {
         let message = next_message(&mut messages, got).await?;
         message
@@ -111,9 +117,11 @@ pub async fn enrich(
 ) -> anyhow::Result<Drained> {
     let js = jetstream::new(client);
     let latency = Histogram::default();
-    let meter = Meter::start();
+    let mut meter = Meter::start();
+    let consumer = bind(&js, stream).await?;
+    meter.restart_cpu();
     let started = Instant::now();
-    let messages = bind(&js, stream).await?;
+    let messages = pull(&consumer).await?;
     let n_usize = usize::try_from(n).context("too many messages for this platform")?;
     let mut work = messages
         .take(n_usize)

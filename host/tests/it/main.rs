@@ -5,4 +5,5 @@ mod end_to_end;
 mod engine;
 mod faults;
 mod sandbox;
+mod security;
 mod support;
