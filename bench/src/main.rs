@@ -1,0 +1,291 @@
+//! `mailroom-bench`: Mailroom against hand-written async-nats consumers, side by side, in one
+//! run against one nats-server.
+//!
+//! Every scenario run gets a fresh stream, is preloaded with N messages over K subjects, and is
+//! then drained while being timed: by Mailroom running in-process (`mailroom::start`) or by a
+//! native async-nats consumer doing the same work. Rounds run every scenario once in order
+//! (A B A B), and the medians are reported as a table, `results.json` and `throughput.svg`.
+//!
+//! ```sh
+//! cargo xtask guests                                   # once: builds the guest modules
+//! cargo run --release -p mailroom-bench -- --quick     # about a minute or two
+//! cargo run --release -p mailroom-bench -- --suite all
+//! ```
+
+mod native;
+mod report;
+mod scenarios;
+mod sys;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, ValueEnum};
+use mailroom::nats_server::NatsServer;
+
+use crate::report::{Machine, Measurement, Report, Settings};
+use crate::scenarios::{Bench, Runner, Scenario, Sizes, Suite};
+
+/// Benchmarks Mailroom against hand-written async-nats consumers on the same nats-server.
+///
+/// Needs the guest modules (`cargo xtask guests`) and nats-server 2.10+ on PATH or in
+/// $MAILROOM_NATS_SERVER (unless --nats-url is given).
+#[derive(Debug, Parser)]
+#[command(name = "mailroom-bench", version)]
+struct Args {
+    /// Which suite: `compare` (Mailroom against native consumers), `ordering` (ordered against
+    /// unordered, by number of distinct subjects) or `all`. Default: compare.
+    #[arg(long, value_enum, default_value_t = SuiteArg::Compare)]
+    suite: SuiteArg,
+
+    /// Rounds: every scenario runs once per round, in order, and the median of each metric
+    /// is reported. Default: 3, or 1 with --quick.
+    #[arg(long, value_name = "R")]
+    rounds: Option<usize>,
+
+    /// A quick run: 1 round, N = 20,000 for the compare suite and the ordering suite's sizes
+    /// divided by 5. Default: off.
+    #[arg(long)]
+    quick: bool,
+
+    /// N, the messages of each compare scenario (mailroom-io drains N/4). Default: 100,000,
+    /// or 20,000 with --quick. The ordering suite has fixed sizes: 50,000 for noop, 10,000 for
+    /// io and 2,000 for io with a single subject.
+    #[arg(long, value_name = "N")]
+    messages: Option<u64>,
+
+    /// Fixed worker count (`concurrency`) of mailroom-noop, mailroom-noop-1k,
+    /// mailroom-noop-ordered and mailroom-reuse. Default: 4.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    workers: usize,
+
+    /// `max_workers` of the autoscaled mailroom-io scenario (`min_workers` is 1); its ideal
+    /// is this × 1,000 msgs/s. Default: 16.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    io_workers: usize,
+
+    /// Use this NATS server (with JetStream) instead of starting a local nats-server; the
+    /// bench creates and deletes streams named B<n> and B<n>OUT on it. Default: start one.
+    #[arg(long, value_name = "URL")]
+    nats_url: Option<String>,
+
+    /// Where to write results.json and throughput.svg. Default: target/mailroom-bench/ (under
+    /// $CARGO_TARGET_DIR when set).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+
+    /// Run only these scenarios (comma-separated names, e.g. native,mailroom-noop). Default:
+    /// every scenario of the suite.
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SuiteArg {
+    Compare,
+    Ordering,
+    All,
+}
+
+impl SuiteArg {
+    fn name(self) -> &'static str {
+        match self {
+            SuiteArg::Compare => "compare",
+            SuiteArg::Ordering => "ordering",
+            SuiteArg::All => "all",
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // Only host warnings and errors; the host's info logs would drown the table.
+    tracing_subscriber::fmt()
+        .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the tokio runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("some scenario runs failed (see the errors above)");
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
+}
+
+/// The directory of the guest modules, after checking the ones `scenarios` need are there.
+fn guests(scenarios: &[Scenario]) -> anyhow::Result<PathBuf> {
+    let dir = target_dir().join("wasm32-wasip2").join("release");
+    let mut missing: Vec<String> = Vec::new();
+    for s in scenarios {
+        if let Runner::Mailroom(spec) = &s.runner {
+            let path = dir.join(format!("{}.wasm", spec.guest));
+            let shown = path.display().to_string();
+            if !path.exists() && !missing.contains(&shown) {
+                missing.push(shown);
+            }
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "guest modules missing: {}\nbuild them first with `cargo xtask guests` (with the \
+             same CARGO_TARGET_DIR as this run)",
+            missing.join(", ")
+        );
+    }
+    Ok(dir)
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let began = Instant::now();
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let sizes = Sizes {
+        messages: args
+            .messages
+            .unwrap_or(if args.quick { 20_000 } else { 100_000 })
+            .max(1),
+        workers: args.workers.max(1),
+        io_workers: args.io_workers.max(1),
+        quick: args.quick,
+    };
+    let mut scenarios = Vec::new();
+    if matches!(args.suite, SuiteArg::Compare | SuiteArg::All) {
+        scenarios.extend(scenarios::compare(&sizes));
+    }
+    if matches!(args.suite, SuiteArg::Ordering | SuiteArg::All) {
+        scenarios.extend(scenarios::ordering(&sizes));
+    }
+    if !args.only.is_empty() {
+        for name in &args.only {
+            if !scenarios.iter().any(|s| &s.name == name) {
+                let known: Vec<&str> = scenarios.iter().map(|s| s.name.as_str()).collect();
+                bail!(
+                    "--only: no scenario {name:?} in suite {}; known: {}",
+                    args.suite.name(),
+                    known.join(", ")
+                );
+            }
+        }
+        scenarios.retain(|s| args.only.contains(&s.name));
+    }
+    let guest_dir = guests(&scenarios)?;
+
+    let (_server, url, server_label) = match &args.nats_url {
+        Some(url) => (None, url.clone(), url.clone()),
+        None => {
+            let server = NatsServer::start().context("starting a local nats-server")?;
+            let url = server.url();
+            (Some(server), url, "local, started by the bench".to_owned())
+        }
+    };
+    let admin = async_nats::connect(&url)
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let machine = Machine {
+        cores: sys::cores(),
+        cpu_model: sys::cpu_model(),
+        os: std::env::consts::OS.to_owned(),
+        nats_server_version: admin.server_info().version,
+        nats_server: server_label,
+    };
+    eprintln!(
+        "mailroom-bench: {} scenario(s) × {rounds} round(s) on {} cores against nats-server {} at {url}",
+        scenarios.len(),
+        machine.cores,
+        machine.nats_server_version
+    );
+    let bench = Bench::new(
+        url,
+        admin.clone(),
+        guest_dir,
+        target_dir().join("mailroom-bench-cache"),
+        workspace(),
+    );
+
+    let mut results: Vec<Vec<Result<Measurement, String>>> = vec![Vec::new(); scenarios.len()];
+    for round in 1..=rounds {
+        for (i, scenario) in scenarios.iter().enumerate() {
+            let outcome = bench.run(scenario).await;
+            match &outcome {
+                Ok(m) => eprintln!(
+                    "[round {round}/{rounds}] {:<32} {:>8.0} msgs/s ({} msgs in {:.2}s; preload {:.2}s{})",
+                    scenario.name,
+                    m.msgs_per_s,
+                    m.messages,
+                    m.seconds,
+                    m.preload_s,
+                    match (m.start_s, m.stop_s) {
+                        (Some(a), Some(b)) => format!("; start {a:.2}s, stop {b:.2}s"),
+                        _ => String::new(),
+                    }
+                ),
+                Err(err) => eprintln!("[round {round}/{rounds}] {} FAILED: {err:#}", scenario.name),
+            }
+            results[i].push(outcome.map_err(|e| format!("{e:#}")));
+        }
+    }
+
+    let reports = report::build(&scenarios, results);
+    let ok = reports.iter().all(|r| r.errors.is_empty());
+    let compare_ran = scenarios.iter().any(|s| s.suite == Suite::Compare);
+    let report = Report {
+        machine,
+        settings: Settings {
+            suite: args.suite.name().to_owned(),
+            rounds,
+            quick: args.quick,
+            messages: sizes.messages,
+            workers: sizes.workers,
+            io_workers: sizes.io_workers,
+        },
+        total_seconds: began.elapsed().as_secs_f64(),
+        ordering: report::ordering_rows(&scenarios, &reports),
+        ratios: if compare_ran {
+            report::ratio_lines(&reports)
+        } else {
+            Vec::new()
+        },
+        scenarios: reports,
+    };
+    let out = args
+        .out
+        .unwrap_or_else(|| target_dir().join("mailroom-bench"));
+    report::write(&report, &out)?;
+    eprintln!(
+        "wrote {} and {} ({:.0}s in all)",
+        out.join("results.json").display(),
+        out.join("throughput.svg").display(),
+        report.total_seconds
+    );
+    admin.flush().await.ok();
+    print!("{}", report::render_text(&report));
+    Ok(ok)
+}

@@ -1,0 +1,544 @@
+//! What a benchmark run produced: the per-round measurements, medians and ratios, printed as a
+//! table, written as `results.json` and drawn as `throughput.svg`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context as _;
+use mailroom::telemetry::MetricsSnapshot;
+use serde::Serialize;
+
+use crate::scenarios::{Baseline, Runner, Scenario, Suite, Workers};
+
+/// One run of one scenario.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Measurement {
+    /// Messages drained (N).
+    pub messages: u64,
+    /// Seconds the preload took (not part of the measurement).
+    pub preload_s: f64,
+    /// Mailroom: seconds `mailroom::start` took (not timed).
+    pub start_s: Option<f64>,
+    /// The timed drain, in seconds.
+    pub seconds: f64,
+    /// N / seconds.
+    pub msgs_per_s: f64,
+    /// Median publish-to-ack latency.
+    pub p50_ms: Option<f64>,
+    /// 99th percentile publish-to-ack latency.
+    pub p99_ms: Option<f64>,
+    /// CPU seconds (user + system, this process) per 1,000 messages over the timed drain.
+    pub cpu_s_per_1k: Option<f64>,
+    /// Peak RSS of this process during the scenario, MiB.
+    pub peak_rss_mib: Option<f64>,
+    /// Mailroom: seconds from cancelling to `wait()` returning.
+    pub stop_s: Option<f64>,
+    /// Autoscaled: seconds until the pool first had `max_workers` workers.
+    pub time_to_max_workers_s: Option<f64>,
+    /// Enrich: messages stored in the output stream afterwards.
+    pub outputs: Option<u64>,
+    /// Mailroom: the handler's counters at the end.
+    pub host: Option<MetricsSnapshot>,
+}
+
+/// The machine and server.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// Cores available to the bench.
+    pub cores: usize,
+    /// From /proc/cpuinfo.
+    pub cpu_model: String,
+    /// `std::env::consts::OS`.
+    pub os: String,
+    /// As the server reports it.
+    pub nats_server_version: String,
+    /// `local` (started by the bench) or the URL given.
+    pub nats_server: String,
+}
+
+/// The options the run used.
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// compare, ordering or all.
+    pub suite: String,
+    /// Rounds.
+    pub rounds: usize,
+    /// `--quick`.
+    pub quick: bool,
+    /// N of the compare suite.
+    pub messages: u64,
+    /// Fixed workers of the noop scenarios.
+    pub workers: usize,
+    /// `max_workers` of mailroom-io.
+    pub io_workers: usize,
+}
+
+/// Medians over the rounds that succeeded, metric by metric.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    /// msgs/s.
+    pub msgs_per_s: f64,
+    /// ms.
+    pub p50_ms: Option<f64>,
+    /// ms.
+    pub p99_ms: Option<f64>,
+    /// CPU s per 1,000 messages.
+    pub cpu_s_per_1k: Option<f64>,
+    /// MiB.
+    pub peak_rss_mib: Option<f64>,
+    /// s, over the rounds where it happened.
+    pub time_to_max_workers_s: Option<f64>,
+    /// Rounds in which the pool reached `max_workers`.
+    pub rounds_reaching_max_workers: usize,
+}
+
+/// One scenario over all rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioReport {
+    /// Name.
+    pub name: String,
+    /// Suite.
+    pub suite: Suite,
+    /// Who drained and how.
+    pub runner: String,
+    /// Payload.
+    pub payload: String,
+    /// N.
+    pub messages: u64,
+    /// K.
+    pub subjects: u64,
+    /// What the ratio compares with.
+    pub baseline: Option<String>,
+    /// The baseline's median msgs/s.
+    pub baseline_msgs_per_s: Option<f64>,
+    /// Median msgs/s over the baseline's.
+    pub ratio: Option<f64>,
+    /// Medians.
+    pub median: Option<Summary>,
+    /// Every successful round.
+    pub rounds: Vec<Measurement>,
+    /// Rounds that failed, with the reason.
+    pub errors: Vec<String>,
+}
+
+/// One line of the ordering table.
+#[derive(Debug, Clone, Serialize)]
+pub struct OrderingRow {
+    /// Distinct subjects.
+    pub keys: u64,
+    /// noop or io.
+    pub handler: String,
+    /// N.
+    pub messages: u64,
+    /// Median msgs/s, ordered by subject.
+    pub ordered_msgs_per_s: Option<f64>,
+    /// Median msgs/s, unordered.
+    pub unordered_msgs_per_s: Option<f64>,
+    /// Ordered over unordered.
+    pub ratio: Option<f64>,
+}
+
+/// One of the closing `ratio` lines.
+#[derive(Debug, Clone, Serialize)]
+pub struct RatioLine {
+    /// `a/b`.
+    pub name: String,
+    /// The value.
+    pub value: Option<f64>,
+}
+
+/// `results.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Machine.
+    pub machine: Machine,
+    /// Options.
+    pub settings: Settings,
+    /// Wall time of the whole run.
+    pub total_seconds: f64,
+    /// Every scenario.
+    pub scenarios: Vec<ScenarioReport>,
+    /// The closing ratios (compare suite).
+    pub ratios: Vec<RatioLine>,
+    /// The ordering table (ordering suite).
+    pub ordering: Vec<OrderingRow>,
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 0 {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
+}
+
+fn summarize(rounds: &[Measurement]) -> Option<Summary> {
+    let of = |f: fn(&Measurement) -> Option<f64>| median(rounds.iter().filter_map(f).collect());
+    Some(Summary {
+        msgs_per_s: of(|m| Some(m.msgs_per_s))?,
+        p50_ms: of(|m| m.p50_ms),
+        p99_ms: of(|m| m.p99_ms),
+        cpu_s_per_1k: of(|m| m.cpu_s_per_1k),
+        peak_rss_mib: of(|m| m.peak_rss_mib),
+        time_to_max_workers_s: of(|m| m.time_to_max_workers_s),
+        rounds_reaching_max_workers: rounds
+            .iter()
+            .filter(|m| m.time_to_max_workers_s.is_some())
+            .count(),
+    })
+}
+
+fn describe_runner(runner: &Runner) -> String {
+    match runner {
+        Runner::Native => "async-nats, plain ack".to_owned(),
+        Runner::NativeEnrich { in_flight } => {
+            format!("async-nats, enrich + publish + ack, {in_flight} in flight")
+        }
+        Runner::Mailroom(spec) => {
+            let workers = match spec.workers {
+                Workers::Fixed(n) => format!("concurrency {n}"),
+                Workers::Auto { min, max } => format!("workers {min}..={max}"),
+            };
+            format!(
+                "mailroom {}.wasm, ordering {}, {workers}{}",
+                spec.guest,
+                if spec.ordered { "subject" } else { "none" },
+                if spec.reuse { ", isolation reuse" } else { "" },
+            )
+        }
+    }
+}
+
+/// Builds the per-scenario reports; `results[i]` holds scenario `i`'s rounds.
+pub fn build(
+    scenarios: &[Scenario],
+    results: Vec<Vec<Result<Measurement, String>>>,
+) -> Vec<ScenarioReport> {
+    let mut reports: Vec<ScenarioReport> = scenarios
+        .iter()
+        .zip(results)
+        .map(|(s, rounds)| {
+            let (ok, errors): (Vec<_>, Vec<_>) = rounds.into_iter().partition(Result::is_ok);
+            let rounds: Vec<Measurement> = ok.into_iter().filter_map(Result::ok).collect();
+            ScenarioReport {
+                name: s.name.clone(),
+                suite: s.suite,
+                runner: describe_runner(&s.runner),
+                payload: s.payload.describe(),
+                messages: s.messages,
+                subjects: s.subjects,
+                baseline: None,
+                baseline_msgs_per_s: None,
+                ratio: None,
+                median: summarize(&rounds),
+                rounds,
+                errors: errors.into_iter().filter_map(Result::err).collect(),
+            }
+        })
+        .collect();
+    let medians: Vec<(String, Option<f64>)> = reports
+        .iter()
+        .map(|r| (r.name.clone(), r.median.as_ref().map(|m| m.msgs_per_s)))
+        .collect();
+    for (report, scenario) in reports.iter_mut().zip(scenarios) {
+        let (label, base) = match &scenario.baseline {
+            Baseline::None => continue,
+            Baseline::Scenario(name) => (
+                name.clone(),
+                medians.iter().find(|(n, _)| n == name).and_then(|(_, m)| *m),
+            ),
+            Baseline::Ideal { msgs_per_s, label } => (label.clone(), Some(*msgs_per_s)),
+        };
+        report.baseline = Some(label);
+        report.baseline_msgs_per_s = base;
+        report.ratio = match (report.median.as_ref(), base) {
+            (Some(m), Some(b)) if b > 0.0 => Some(m.msgs_per_s / b),
+            _ => None,
+        };
+    }
+    reports
+}
+
+/// The ordering table, from the ordering suite's scenarios.
+pub fn ordering_rows(scenarios: &[Scenario], reports: &[ScenarioReport]) -> Vec<OrderingRow> {
+    let mut rows: Vec<OrderingRow> = Vec::new();
+    for (s, r) in scenarios.iter().zip(reports) {
+        let Some(cell) = s.cell else { continue };
+        let rate = r.median.as_ref().map(|m| m.msgs_per_s);
+        let i = match rows
+            .iter()
+            .position(|row| row.keys == cell.keys && row.handler == cell.handler)
+        {
+            Some(i) => i,
+            None => {
+                rows.push(OrderingRow {
+                    keys: cell.keys,
+                    handler: cell.handler.to_owned(),
+                    messages: s.messages,
+                    ordered_msgs_per_s: None,
+                    unordered_msgs_per_s: None,
+                    ratio: None,
+                });
+                rows.len() - 1
+            }
+        };
+        if cell.ordered {
+            rows[i].ordered_msgs_per_s = rate;
+        } else {
+            rows[i].unordered_msgs_per_s = rate;
+        }
+    }
+    for row in &mut rows {
+        row.ratio = match (row.ordered_msgs_per_s, row.unordered_msgs_per_s) {
+            (Some(o), Some(u)) if u > 0.0 => Some(o / u),
+            _ => None,
+        };
+    }
+    rows
+}
+
+/// The closing ratio lines, for the compare scenarios that ran.
+pub fn ratio_lines(reports: &[ScenarioReport]) -> Vec<RatioLine> {
+    [
+        ("mailroom-noop", "native"),
+        ("mailroom-noop-ordered", "mailroom-noop"),
+        ("mailroom-enrich", "native-enrich"),
+        ("mailroom-io", "ideal"),
+        ("mailroom-reuse", "native"),
+    ]
+    .into_iter()
+    .map(|(name, base)| RatioLine {
+        name: format!("{name}/{base}"),
+        value: reports.iter().find(|r| r.name == name).and_then(|r| r.ratio),
+    })
+    .collect()
+}
+
+fn opt(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+/// The header, the table, notes, the ordering table and the ratio lines.
+pub fn render_text(report: &Report) -> String {
+    let mut out = String::new();
+    let m = &report.machine;
+    let s = &report.settings;
+    let _ = writeln!(
+        out,
+        "mailroom-bench: suite {}, {} round(s){}, compare N = {}, {} fixed workers, io max_workers {}",
+        s.suite,
+        s.rounds,
+        if s.quick { " (--quick)" } else { "" },
+        s.messages,
+        s.workers,
+        s.io_workers
+    );
+    let _ = writeln!(
+        out,
+        "machine: {} cores, {}, {}; nats-server {} ({})",
+        m.cores, m.cpu_model, m.os, m.nats_server_version, m.nats_server
+    );
+    let _ = writeln!(
+        out,
+        "medians over rounds; latency = JetStream publish (preload) to ack; CPU and RSS are this process (nats-server excluded)\n"
+    );
+    let _ = writeln!(
+        out,
+        "{:<32} {:>10} {:>9} {:>9} {:>11} {:>13} {:>7}  baseline",
+        "scenario", "msgs/s", "p50 ms", "p99 ms", "CPU s/1k", "peak RSS MiB", "ratio"
+    );
+    for r in &report.scenarios {
+        let Some(med) = &r.median else {
+            let _ = writeln!(out, "{:<32} failed: {}", r.name, r.errors.join("; "));
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "{:<32} {:>10.0} {:>9} {:>9} {:>11} {:>13} {:>7}  {}",
+            r.name,
+            med.msgs_per_s,
+            opt(med.p50_ms, 2),
+            opt(med.p99_ms, 2),
+            opt(med.cpu_s_per_1k, 3),
+            opt(med.peak_rss_mib, 1),
+            opt(r.ratio, 3),
+            r.baseline.as_deref().unwrap_or("-"),
+        );
+    }
+    let _ = writeln!(out);
+    for r in &report.scenarios {
+        let Some(med) = &r.median else { continue };
+        if r.name == "mailroom-io" {
+            let reached = match med.time_to_max_workers_s {
+                Some(t) => format!(
+                    "reached max_workers after {t:.2}s (median; {} of {} rounds)",
+                    med.rounds_reaching_max_workers,
+                    r.rounds.len()
+                ),
+                None => {
+                    let peak = r.rounds.iter().filter_map(|m| m.host.map(|h| h.busy_peak)).max();
+                    format!(
+                        "never reached max_workers (most workers busy at once: {})",
+                        peak.map_or("n/a".to_owned(), |p| p.to_string())
+                    )
+                }
+            };
+            let _ = writeln!(
+                out,
+                "note: mailroom-io: {:.0} msgs/s against {} = {}/s; {reached}",
+                med.msgs_per_s,
+                r.baseline.as_deref().unwrap_or("ideal"),
+                opt(r.baseline_msgs_per_s, 0),
+            );
+        }
+        for m in &r.rounds {
+            if let Some(h) = &m.host {
+                if h.retried + h.dead_lettered + h.ack_failures + h.traps + h.timeouts > 0 {
+                    let _ = writeln!(
+                        out,
+                        "note: {}: retried {}, dead-lettered {}, traps {}, timeouts {}, ack failures {}",
+                        r.name, h.retried, h.dead_lettered, h.traps, h.timeouts, h.ack_failures
+                    );
+                }
+            }
+            if let Some(stored) = m.outputs {
+                if stored != m.messages {
+                    let _ = writeln!(
+                        out,
+                        "note: {}: {stored} outputs stored for {} inputs",
+                        r.name, m.messages
+                    );
+                }
+            }
+        }
+        for e in &r.errors {
+            let _ = writeln!(out, "error: {}: {e}", r.name);
+        }
+    }
+    if !report.ordering.is_empty() {
+        let _ = writeln!(out, "\nordering suite (concurrency 16):\n");
+        let _ = writeln!(
+            out,
+            "| keys | handler | ordered msgs/s | unordered msgs/s | ordered/unordered |"
+        );
+        let _ = writeln!(out, "|---:|---|---:|---:|---:|");
+        for row in &report.ordering {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} |",
+                row.keys,
+                if row.handler == "io" { "io (sleep:1)" } else { "noop" },
+                opt(row.ordered_msgs_per_s, 0),
+                opt(row.unordered_msgs_per_s, 0),
+                opt(row.ratio, 3),
+            );
+        }
+    }
+    if !report.ratios.is_empty() {
+        let _ = writeln!(out);
+        for line in &report.ratios {
+            let _ = writeln!(out, "ratio {} {}", line.name, opt(line.value, 3));
+        }
+    }
+    out
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A horizontal bar chart of median msgs/s per scenario.
+pub fn render_svg(report: &Report) -> String {
+    let bars: Vec<(&str, f64, bool)> = report
+        .scenarios
+        .iter()
+        .filter_map(|r| {
+            let rate = r.median.as_ref()?.msgs_per_s;
+            Some((r.name.as_str(), rate, r.runner.starts_with("mailroom")))
+        })
+        .collect();
+    let max = bars.iter().map(|b| b.1).fold(1.0, f64::max);
+    let (label_w, chart_w, bar_h, gap, top) = (260.0, 560.0, 20.0, 8.0, 56.0);
+    let width = label_w + chart_w + 110.0;
+    let height = top + bars.len() as f64 * (bar_h + gap) + 30.0;
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="10" y="20" font-size="15" font-weight="bold">Throughput (msgs/s, median of {} round(s))</text>"#,
+        report.settings.rounds
+    );
+    let _ = writeln!(
+        svg,
+        r##"<text x="10" y="38" fill="#555">{}</text>"##,
+        xml_escape(&format!(
+            "{} cores, {}; nats-server {}; blue = Mailroom, grey = native async-nats",
+            report.machine.cores, report.machine.cpu_model, report.machine.nats_server_version
+        ))
+    );
+    for (i, (name, rate, mailroom)) in bars.iter().enumerate() {
+        let y = top + i as f64 * (bar_h + gap);
+        let w = (rate / max * chart_w).max(1.0);
+        let fill = if *mailroom { "#2e86de" } else { "#8395a7" };
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+            label_w - 8.0,
+            y + bar_h * 0.7,
+            xml_escape(name)
+        );
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{label_w}" y="{y}" width="{w:.1}" height="{bar_h}" fill="{fill}"/>"#
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{}">{rate:.0}</text>"#,
+            label_w + w + 6.0,
+            y + bar_h * 0.7
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// Writes `results.json` and `throughput.svg` into `dir`.
+pub fn write(report: &Report, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = serde_json::to_string_pretty(report).context("serializing the results")?;
+    let path = dir.join("results.json");
+    std::fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+    let path = dir.join("throughput.svg");
+    std::fs::write(&path, render_svg(report))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
+
+    #[test]
+    fn escapes() {
+        assert_eq!(xml_escape("a<b&\"c\">"), "a&lt;b&amp;&quot;c&quot;&gt;");
+    }
+}
