@@ -26,8 +26,8 @@ pub enum Backoff {
 pub enum OnExhausted {
     /// Dead-letter and terminate it; its key moves on (the default).
     DeadLetter,
-    /// Keep retrying it at the longest backoff; its key stays blocked (reported in logs,
-    /// metrics and `/status`) while other keys continue.
+    /// Keep retrying it, at the backoff delay for its attempt (capped by the policy); its key
+    /// stays blocked (reported in logs, metrics and `/status`) while other keys continue.
     Block,
 }
 

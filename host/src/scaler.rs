@@ -12,7 +12,8 @@
 //!   handlers on few cores): hold that size for `plateau_hold`, then probe again.
 //! - **Not into a failing dependency**: while half or more of the attempts fail, do not grow.
 //! - **Down after a cooldown** once the backlog is gone (or more workers than runnable keys):
-//!   straight to the larger of `min` and the workers still busy, never below work in flight.
+//!   straight to the largest of `min`, the workers still busy, and the work that could run
+//!   now; never below work in flight.
 
 use std::time::{Duration, Instant};
 

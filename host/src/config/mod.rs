@@ -351,7 +351,8 @@ fn convert_handler(
     }
     let (min_workers, max_workers) = match (h.concurrency, h.min_workers, h.max_workers) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => bail!(
-            "{ctx}: concurrency (a fixed pool) cannot be combined with min_workers/max_workers              (an autoscaled one); use one or the other"
+            "{ctx}: concurrency (a fixed pool) cannot be combined with min_workers/max_workers \
+             (an autoscaled one); use one or the other"
         ),
         (Some(n), None, None) => (n, n),
         (None, min, max) => (min.unwrap_or(1), max.unwrap_or(16)),

@@ -1,7 +1,7 @@
 //! One delivery of a JetStream message, and the acknowledgements that settle it.
 //!
-//! Every acknowledgement goes through [`Delivery`]: this is the only place in the host that
-//! writes to a message's reply subject. Plain acks are fire-and-forget publishes; confirmed
+//! Every acknowledgement goes to the reply subject a [`Delivery`] carries; only the consumer
+//! module writes there (these methods, and the sweeper's batched progress acks). Plain acks are fire-and-forget publishes; confirmed
 //! acks are requests the server answers once the ack is recorded (and replicated).
 
 use std::time::Duration;

@@ -7,10 +7,12 @@
 //! - A message is acked only after its handler succeeded and every publish it made was
 //!   confirmed ([`worker`]).
 //! - The host holds at most its capacity (ordered: `max_buffered`; unordered: two messages
-//!   per worker, so fetched messages start soon) plus a few after a pull reset, and at most
-//!   `max_keys` distinct keys; at a cap it stops pulling, it never drops.
+//!   per worker, so fetched messages start soon) plus a few after a pull reset. At
+//!   `max_keys` distinct keys it stops pulling (a batch already requested can go past the key
+//!   cap by at most its size). At a cap it stops pulling; it never drops.
 //! - No held message goes half an AckWait without JetStream hearing of it: running ones get
-//!   progress acks from their worker, waiting ones from the sweeper.
+//!   progress acks from their worker, waiting ones from the sweeper (which looks every quarter
+//!   AckWait for messages untouched for a quarter).
 //! - On shutdown it stops pulling at once, hands back (nak, no delay) what it has not started,
 //!   lets running messages finish until the drain deadline, confirms its final acks, and naks
 //!   whatever is still running at the deadline. Nothing is left waiting for AckWait.
@@ -284,8 +286,9 @@ async fn work(shared: Arc<Shared>, abort: CancellationToken) {
                 shared.executor.retry(key, seq, job, at, blocked);
             }
             (Settled::RetryAt { .. }, _) => {
-                // Draining (the executor no longer runs anything), or an unordered message,
-                // which is retried through JetStream rather than in place: hand it back.
+                // Draining: the executor no longer runs anything, so hand it back. (`process`
+                // never asks an unordered message to be retried in place; should it, the
+                // message is handed back too rather than lost.)
                 worker::nak_now(&shared, &job.delivery).await;
                 shared.executor.done(None);
                 shared.release();
@@ -407,17 +410,18 @@ fn dispatch(shared: &Shared, delivery: Delivery) {
 /// Sends progress acks for held messages that are waiting (for their key, a retry, or a
 /// worker), so JetStream does not redeliver them.
 async fn sweep(shared: Arc<Shared>, stop: CancellationToken) {
-    let half = shared.config.ack_wait / 2;
-    let period = (shared.config.ack_wait / 4).max(Duration::from_millis(50));
+    // Checked every quarter AckWait for messages untouched for a quarter: none goes more than
+    // half an AckWait without a progress ack.
+    let quarter = (shared.config.ack_wait / 4).max(Duration::from_millis(50));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(period) => {}
+            _ = tokio::time::sleep(quarter) => {}
         }
         let now = Instant::now();
         let mut due = Vec::new();
         shared.executor.for_each_waiting(|job| {
-            if now.duration_since(job.touched) >= half {
+            if now.duration_since(job.touched) >= quarter {
                 job.touched = now;
                 due.push(job.delivery.reply().clone());
             }

@@ -4,7 +4,8 @@
 //! 1. a message whose ordering key cannot be computed, or an attempt beyond `max_attempts`
 //!    (the last one was cut short by a crash) goes straight to the dead-letter path without
 //!    running;
-//! 2. the handler runs in a fresh instance; while it runs, a progress ack is sent every half
+//! 2. the handler runs in a fresh instance (or the worker's warm one under
+//!    `isolation = "reuse"`); while it runs, a progress ack is sent every half
 //!    AckWait so JetStream does not redeliver it;
 //! 3. on success every publish it made is confirmed, and only then the input is acked; a
 //!    publish that is not confirmed turns the success into a retry;
@@ -12,7 +13,8 @@
 //!    retry happens in place ([`Settled::RetryAt`]): the message goes back to the head of its
 //!    key's lane, so the key's later messages wait for it. Unordered, it is nak'ed with the
 //!    delay. With `on_exhausted = "block"` an ordered message that used its attempts keeps
-//!    being retried at the longest backoff and its key is reported blocked.
+//!    being retried, at the backoff delay for its attempt (capped by the policy), and its key
+//!    is reported blocked.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -236,8 +238,8 @@ async fn keep_alive<F: std::future::Future>(
 
 /// Publishes to the dead-letter subject (when configured) and terminates the message. If the
 /// record cannot be stored the message is nak'ed instead, so it is never lost: it comes back
-/// later (after its last attempt: beyond `max_attempts`, and is dead-lettered without running
-/// again; after a reject: it runs again and is rejected again).
+/// later and runs again (or, if JetStream's delivery count is already beyond `max_attempts`,
+/// goes straight to the dead-letter path).
 async fn dead_letter_and_term(
     shared: &Shared,
     delivery: &Delivery,

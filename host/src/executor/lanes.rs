@@ -30,8 +30,9 @@ pub struct Ticket<T> {
 /// What [`Lanes::push`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pushed<T> {
-    /// Queued. `late` is true when the key already completed or started a higher sequence
-    /// (a redelivery arriving after a later message of its key).
+    /// Queued. `late` is true when the key, still held by this executor, already started or
+    /// completed a higher sequence (a redelivery arriving after a later message of its key).
+    /// A key is forgotten once its lane empties, so a later straggler is not flagged.
     Queued {
         /// See above.
         late: bool,

@@ -1,13 +1,14 @@
 //! The WebAssembly runtime: one wasmtime engine, the handler modules it compiled, and a fresh
-//! sandboxed instance per message.
+//! sandboxed instance per message (or, under `isolation = "reuse"`, a warm instance per worker
+//! reused for a bounded number of messages).
 //!
 //! Invariants:
 //! - The runtime knows nothing about NATS. It takes a message, runs the handler, and returns a
 //!   typed [`Outcome`] plus the publishes to confirm; the consumer decides what that means for
 //!   JetStream.
-//! - A guest trap, timeout or memory exhaustion fails that one call, never the host: every call
-//!   runs in its own `Store` with its own limits, and a store that trapped is dropped, never
-//!   entered again.
+//! - A guest trap, timeout or memory exhaustion fails that one call, never the host: every
+//!   call runs in a `Store` with its own limits (its own, or its worker's warm one), and a
+//!   store that trapped or was interrupted is dropped, never entered again.
 //! - Guests get no ambient authority: WASI is linked (Rust std needs it) but with an empty
 //!   context: no files, no environment, no arguments, no network, no inherited stdio.
 //! - Modules are validated and pre-linked at load, so a bad module is refused at start-up

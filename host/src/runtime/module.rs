@@ -13,7 +13,8 @@ use super::instance::{HostState, Limits};
 use super::Runtime;
 use crate::capabilities::HandlerCaps;
 
-/// A handler module, compiled and linked, ready to run one message per fresh instance.
+/// A handler module, compiled and linked, ready to run messages in fresh (or warm, reused)
+/// instances.
 pub struct HandlerModule {
     pub(super) name: Arc<str>,
     pub(super) pre: HandlerPre<HostState>,

@@ -1,0 +1,111 @@
+//! Micro-benchmarks of the two per-message costs the host adds: scheduling a message through
+//! the keyed executor, and a fresh (or reused) instance plus call of a no-op handler.
+//!
+//! `cargo bench -p mailroom` (the guests must be built: `cargo xtask guests`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use mailroom::capabilities::{Grants, HandlerCaps, MemoryBackend};
+use mailroom::executor::lanes::Lanes;
+use mailroom::runtime::{GuestMessage, Isolation, Limits, Runtime, RuntimeConfig};
+
+fn executor(c: &mut Criterion) {
+    let mut group = c.benchmark_group("executor");
+    for keys in [1usize, 100_000] {
+        let names: Vec<String> = (0..keys).map(|k| format!("orders.{k}")).collect();
+        group.bench_function(format!("push+next+done, {keys} keys"), |b| {
+            b.iter_batched_ref(
+                || {
+                    // A lane per key already holds one message, as under a steady backlog.
+                    let mut lanes: Lanes<u64> = Lanes::default();
+                    for (i, name) in names.iter().enumerate() {
+                        lanes.push(Some(name), i as u64, 0);
+                    }
+                    (lanes, names.len() as u64)
+                },
+                |(lanes, seq)| {
+                    let now = Instant::now();
+                    for i in 0..1000u64 {
+                        *seq += 1;
+                        let key = &names[(i as usize * 7919) % names.len()];
+                        lanes.push(Some(key), *seq, i);
+                        let ticket = lanes.next(now).expect("a ready lane");
+                        lanes.done(ticket.key.as_ref());
+                    }
+                },
+                BatchSize::LargeInput,
+            );
+        });
+    }
+    group.finish();
+}
+
+fn noop_wasm() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("wasm32-wasip2/release/noop.wasm");
+    assert!(path.exists(), "{} is missing: run `cargo xtask guests`", path.display());
+    path
+}
+
+fn instance(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio");
+    let runtime = Runtime::new(&RuntimeConfig {
+        max_instances: 4,
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let caps = Arc::new(HandlerCaps {
+        name: "noop".into(),
+        grants: Grants::default(),
+        settings: Default::default(),
+        max_publishes: 1,
+        log_budget: 1024,
+        backend: Arc::new(MemoryBackend::new(1 << 20)),
+        metrics: Arc::default(),
+    });
+    let mut group = c.benchmark_group("instance");
+    for (name, isolation) in [
+        ("fresh instance + call", Isolation::Fresh),
+        ("reused instance + call", Isolation::Reuse { max_uses: u32::MAX }),
+    ] {
+        let module = runtime
+            .load_handler(&noop_wasm(), Limits::default(), isolation, caps.clone())
+            .expect("noop loads");
+        let stream: Arc<str> = "S".into();
+        let mut warm = None;
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let msg = GuestMessage {
+                            subject: "orders.1",
+                            payload: b"{}",
+                            headers: &[],
+                            stream: "S",
+                            sequence: 1,
+                            attempt: 1,
+                            published_unix_nanos: 0,
+                            handler: "noop",
+                        };
+                        let invoked = module.invoke(&mut warm, msg, stream.clone()).await;
+                        assert!(matches!(invoked.outcome, mailroom::runtime::Outcome::Success));
+                    }
+                    start.elapsed()
+                })
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, executor, instance);
+criterion_main!(benches);
