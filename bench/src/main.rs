@@ -12,8 +12,10 @@
 //! cargo run --release -p mailroom-bench -- --suite all
 //! ```
 
+mod inprocess;
 mod native;
 mod report;
+mod runner;
 mod scenarios;
 mod sys;
 
@@ -26,7 +28,8 @@ use clap::{Parser, ValueEnum};
 use mailroom::nats_server::NatsServer;
 
 use crate::report::{Machine, Measurement, Report, Settings};
-use crate::scenarios::{Bench, Runner, Scenario, Sizes, Suite};
+use crate::runner::Bench;
+use crate::scenarios::{Runner, Scenario, Sizes, Suite};
 
 /// Benchmarks Mailroom against hand-written async-nats consumers on the same nats-server.
 ///
@@ -37,7 +40,7 @@ use crate::scenarios::{Bench, Runner, Scenario, Sizes, Suite};
 struct Args {
     /// Which suite: `compare` (Mailroom against native consumers), `ordering` (ordered against
     /// unordered, by number of distinct subjects) or `all`. Default: compare.
-    #[arg(long, value_enum, default_value_t = SuiteArg::Compare)]
+    #[arg(long, value_enum, default_value_t = SuiteArg::Compare, hide_default_value = true)]
     suite: SuiteArg,
 
     /// Rounds: every scenario runs once per round, in order, and the median of each metric
@@ -58,12 +61,17 @@ struct Args {
 
     /// Fixed worker count (`concurrency`) of mailroom-noop, mailroom-noop-1k,
     /// mailroom-noop-ordered and mailroom-reuse. Default: 4.
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    #[arg(long, value_name = "N", default_value_t = 4, hide_default_value = true)]
     workers: usize,
 
     /// `max_workers` of the autoscaled mailroom-io scenario (`min_workers` is 1); its ideal
     /// is this × 1,000 msgs/s. Default: 16.
-    #[arg(long, value_name = "N", default_value_t = 16)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 16,
+        hide_default_value = true
+    )]
     io_workers: usize,
 
     /// Use this NATS server (with JetStream) instead of starting a local nats-server; the
@@ -127,6 +135,40 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The header lines saying what each suite that runs drains.
+fn size_lines(scenarios: &[Scenario], sizes: &Sizes) -> Vec<String> {
+    let mut lines = Vec::new();
+    if scenarios.iter().any(|s| s.suite == Suite::Compare) {
+        lines.push(format!(
+            "compare: N = {} (mailroom-io: N/4), K = 100 subjects (noop-ordered: 1,000), \
+             {} fixed workers for noop/reuse, enrich 16 at once, io workers 1..={}",
+            sizes.messages, sizes.workers, sizes.io_workers
+        ));
+    }
+    let ordering: Vec<&Scenario> = scenarios
+        .iter()
+        .filter(|s| s.suite == Suite::Ordering)
+        .collect();
+    if !ordering.is_empty() {
+        let n = |handler: &str, one_key: bool| {
+            ordering
+                .iter()
+                .find(|s| {
+                    s.cell
+                        .is_some_and(|c| c.handler == handler && (c.keys == 1) == one_key)
+                })
+                .map_or("-".to_owned(), |s| s.messages.to_string())
+        };
+        lines.push(format!(
+            "ordering: concurrency 16; N = {} noop, {} io (sleep:1), {} io with 1 key",
+            n("noop", false),
+            n("io", false),
+            n("io", true)
+        ));
+    }
+    lines
 }
 
 fn workspace() -> PathBuf {
@@ -265,6 +307,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             messages: sizes.messages,
             workers: sizes.workers,
             io_workers: sizes.io_workers,
+            sizes: size_lines(&scenarios, &sizes),
         },
         total_seconds: began.elapsed().as_secs_f64(),
         ordering: report::ordering_rows(&scenarios, &reports),

@@ -7,12 +7,13 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context as _};
-use async_nats::jetstream::{self, consumer::pull, context::Publish};
+use async_nats::jetstream::{self, consumer::pull, message::PublishMessage};
 use futures::StreamExt as _;
 use mailroom::telemetry::Histogram;
 use serde_json::{json, Map, Value};
 
-use crate::sys::{Meter, Usage};
+use crate::report::Measurement;
+use crate::sys::{mib, Meter, Usage};
 
 /// How long a drain may go without a single message before it is called stuck.
 pub const STALL: Duration = Duration::from_secs(30);
@@ -31,7 +32,28 @@ pub struct Drained {
     pub usage: Usage,
 }
 
-async fn bind(js: &jetstream::Context, stream: &str) -> anyhow::Result<jetstream::consumer::PullConsumer> {
+impl Drained {
+    /// As a measurement of `n` messages.
+    pub fn measurement(&self, n: u64) -> Measurement {
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        let ms = |q| self.latency.quantile(q).map(|l| l.as_secs_f64() * 1000.0);
+        Measurement {
+            messages: n,
+            seconds: secs,
+            msgs_per_s: n as f64 / secs,
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
+            cpu_s_per_1k: self.usage.cpu_seconds.map(|c| c / n as f64 * 1000.0),
+            peak_rss_mib: self.usage.peak_rss.map(mib),
+            ..Measurement::default()
+        }
+    }
+}
+
+async fn bind(
+    js: &jetstream::Context,
+    stream: &str,
+) -> anyhow::Result<jetstream::consumer::PullConsumer> {
     let stream_handle = js
         .get_stream(stream)
         .await
@@ -158,7 +180,8 @@ async fn enrich_one(
     let info = message
         .info()
         .map_err(|e| anyhow!("message without JetStream metadata: {e}"))?;
-    let (stream, sequence, attempt) = (info.stream.to_owned(), info.stream_sequence, info.delivered);
+    let (stream, sequence, attempt) =
+        (info.stream.to_owned(), info.stream_sequence, info.delivered);
     let body = enrich_order(
         &message.payload,
         &message.subject,
@@ -169,7 +192,7 @@ async fn enrich_one(
     let ack = js
         .send_publish(
             output.to_owned(),
-            Publish::build()
+            PublishMessage::build()
                 .payload(body.into())
                 .header("Content-Type", "application/json")
                 .message_id(format!("{ENRICH_NAME}:{stream}:{sequence}:0")),

@@ -46,6 +46,11 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Bytes as MiB.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 /// Measures CPU time and peak memory over one phase of a scenario.
 pub struct Meter {
     cpu_start: Option<f64>,

@@ -10,6 +10,8 @@ use serde::Serialize;
 
 use crate::scenarios::{Baseline, Runner, Scenario, Suite, Workers};
 
+mod svg;
+
 /// One run of one scenario.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Measurement {
@@ -71,6 +73,8 @@ pub struct Settings {
     pub workers: usize,
     /// `max_workers` of mailroom-io.
     pub io_workers: usize,
+    /// What each suite that ran drains, in words (for the header).
+    pub sizes: Vec<String>,
 }
 
 /// Medians over the rounds that succeeded, metric by metric.
@@ -170,7 +174,7 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     }
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
-    Some(if values.len() % 2 == 0 {
+    Some(if values.len().is_multiple_of(2) {
         (values[mid - 1] + values[mid]) / 2.0
     } else {
         values[mid]
@@ -250,7 +254,10 @@ pub fn build(
             Baseline::None => continue,
             Baseline::Scenario(name) => (
                 name.clone(),
-                medians.iter().find(|(n, _)| n == name).and_then(|(_, m)| *m),
+                medians
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .and_then(|(_, m)| *m),
             ),
             Baseline::Ideal { msgs_per_s, label } => (label.clone(), Some(*msgs_per_s)),
         };
@@ -314,13 +321,72 @@ pub fn ratio_lines(reports: &[ScenarioReport]) -> Vec<RatioLine> {
     .into_iter()
     .map(|(name, base)| RatioLine {
         name: format!("{name}/{base}"),
-        value: reports.iter().find(|r| r.name == name).and_then(|r| r.ratio),
+        value: reports
+            .iter()
+            .find(|r| r.name == name)
+            .and_then(|r| r.ratio),
     })
     .collect()
 }
 
 fn opt(v: Option<f64>, decimals: usize) -> String {
     v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+/// Remarks below the table: mailroom-io against its ideal, failures, missing outputs, errors.
+fn notes(report: &Report) -> Vec<String> {
+    let mut notes = Vec::new();
+    for r in &report.scenarios {
+        let Some(med) = &r.median else { continue };
+        if r.name == "mailroom-io" {
+            let reached = match med.time_to_max_workers_s {
+                Some(t) => format!(
+                    "reached max_workers after {t:.2}s (median; {} of {} rounds)",
+                    med.rounds_reaching_max_workers,
+                    r.rounds.len()
+                ),
+                None => {
+                    let peak = r
+                        .rounds
+                        .iter()
+                        .filter_map(|m| m.host.map(|h| h.busy_peak))
+                        .max();
+                    format!(
+                        "never reached max_workers (most workers busy at once: {})",
+                        peak.map_or("n/a".to_owned(), |p| p.to_string())
+                    )
+                }
+            };
+            notes.push(format!(
+                "note: mailroom-io: {:.0} msgs/s against {} = {}/s; {reached}",
+                med.msgs_per_s,
+                r.baseline.as_deref().unwrap_or("ideal"),
+                opt(r.baseline_msgs_per_s, 0),
+            ));
+        }
+        for m in &r.rounds {
+            if let Some(h) = &m.host {
+                if h.retried + h.dead_lettered + h.ack_failures + h.traps + h.timeouts > 0 {
+                    notes.push(format!(
+                        "note: {}: retried {}, dead-lettered {}, traps {}, timeouts {}, ack failures {}",
+                        r.name, h.retried, h.dead_lettered, h.traps, h.timeouts, h.ack_failures
+                    ));
+                }
+            }
+            if let Some(stored) = m.outputs {
+                if stored != m.messages {
+                    notes.push(format!(
+                        "note: {}: {stored} outputs stored for {} inputs",
+                        r.name, m.messages
+                    ));
+                }
+            }
+        }
+        for e in &r.errors {
+            notes.push(format!("error: {}: {e}", r.name));
+        }
+    }
+    notes
 }
 
 /// The header, the table, notes, the ordering table and the ratio lines.
@@ -330,14 +396,14 @@ pub fn render_text(report: &Report) -> String {
     let s = &report.settings;
     let _ = writeln!(
         out,
-        "mailroom-bench: suite {}, {} round(s){}, compare N = {}, {} fixed workers, io max_workers {}",
+        "mailroom-bench: suite {}, {} round(s){}",
         s.suite,
         s.rounds,
         if s.quick { " (--quick)" } else { "" },
-        s.messages,
-        s.workers,
-        s.io_workers
     );
+    for line in &s.sizes {
+        let _ = writeln!(out, "{line}");
+    }
     let _ = writeln!(
         out,
         "machine: {} cores, {}, {}; nats-server {} ({})",
@@ -345,7 +411,9 @@ pub fn render_text(report: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "medians over rounds; latency = JetStream publish (preload) to ack; CPU and RSS are this process (nats-server excluded)\n"
+        "medians over rounds; p50/p99 = JetStream publish (the preload) to ack, as log-bucket upper \
+         bounds (<= 12.5% high);\nCPU (user+sys) over the timed drain and peak RSS are this \
+         process only (nats-server excluded)\n"
     );
     let _ = writeln!(
         out,
@@ -371,57 +439,15 @@ pub fn render_text(report: &Report) -> String {
         );
     }
     let _ = writeln!(out);
-    for r in &report.scenarios {
-        let Some(med) = &r.median else { continue };
-        if r.name == "mailroom-io" {
-            let reached = match med.time_to_max_workers_s {
-                Some(t) => format!(
-                    "reached max_workers after {t:.2}s (median; {} of {} rounds)",
-                    med.rounds_reaching_max_workers,
-                    r.rounds.len()
-                ),
-                None => {
-                    let peak = r.rounds.iter().filter_map(|m| m.host.map(|h| h.busy_peak)).max();
-                    format!(
-                        "never reached max_workers (most workers busy at once: {})",
-                        peak.map_or("n/a".to_owned(), |p| p.to_string())
-                    )
-                }
-            };
-            let _ = writeln!(
-                out,
-                "note: mailroom-io: {:.0} msgs/s against {} = {}/s; {reached}",
-                med.msgs_per_s,
-                r.baseline.as_deref().unwrap_or("ideal"),
-                opt(r.baseline_msgs_per_s, 0),
-            );
-        }
-        for m in &r.rounds {
-            if let Some(h) = &m.host {
-                if h.retried + h.dead_lettered + h.ack_failures + h.traps + h.timeouts > 0 {
-                    let _ = writeln!(
-                        out,
-                        "note: {}: retried {}, dead-lettered {}, traps {}, timeouts {}, ack failures {}",
-                        r.name, h.retried, h.dead_lettered, h.traps, h.timeouts, h.ack_failures
-                    );
-                }
-            }
-            if let Some(stored) = m.outputs {
-                if stored != m.messages {
-                    let _ = writeln!(
-                        out,
-                        "note: {}: {stored} outputs stored for {} inputs",
-                        r.name, m.messages
-                    );
-                }
-            }
-        }
-        for e in &r.errors {
-            let _ = writeln!(out, "error: {}: {e}", r.name);
-        }
+    let notes = notes(report);
+    for note in &notes {
+        let _ = writeln!(out, "{note}");
+    }
+    if !notes.is_empty() {
+        let _ = writeln!(out);
     }
     if !report.ordering.is_empty() {
-        let _ = writeln!(out, "\nordering suite (concurrency 16):\n");
+        let _ = writeln!(out, "ordering suite (concurrency 16):\n");
         let _ = writeln!(
             out,
             "| keys | handler | ordered msgs/s | unordered msgs/s | ordered/unordered |"
@@ -432,86 +458,24 @@ pub fn render_text(report: &Report) -> String {
                 out,
                 "| {} | {} | {} | {} | {} |",
                 row.keys,
-                if row.handler == "io" { "io (sleep:1)" } else { "noop" },
+                if row.handler == "io" {
+                    "io (sleep:1)"
+                } else {
+                    "noop"
+                },
                 opt(row.ordered_msgs_per_s, 0),
                 opt(row.unordered_msgs_per_s, 0),
                 opt(row.ratio, 3),
             );
         }
+        let _ = writeln!(out);
     }
     if !report.ratios.is_empty() {
-        let _ = writeln!(out);
         for line in &report.ratios {
             let _ = writeln!(out, "ratio {} {}", line.name, opt(line.value, 3));
         }
     }
     out
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// A horizontal bar chart of median msgs/s per scenario.
-pub fn render_svg(report: &Report) -> String {
-    let bars: Vec<(&str, f64, bool)> = report
-        .scenarios
-        .iter()
-        .filter_map(|r| {
-            let rate = r.median.as_ref()?.msgs_per_s;
-            Some((r.name.as_str(), rate, r.runner.starts_with("mailroom")))
-        })
-        .collect();
-    let max = bars.iter().map(|b| b.1).fold(1.0, f64::max);
-    let (label_w, chart_w, bar_h, gap, top) = (260.0, 560.0, 20.0, 8.0, 56.0);
-    let width = label_w + chart_w + 110.0;
-    let height = top + bars.len() as f64 * (bar_h + gap) + 30.0;
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="10" y="20" font-size="15" font-weight="bold">Throughput (msgs/s, median of {} round(s))</text>"#,
-        report.settings.rounds
-    );
-    let _ = writeln!(
-        svg,
-        r##"<text x="10" y="38" fill="#555">{}</text>"##,
-        xml_escape(&format!(
-            "{} cores, {}; nats-server {}; blue = Mailroom, grey = native async-nats",
-            report.machine.cores, report.machine.cpu_model, report.machine.nats_server_version
-        ))
-    );
-    for (i, (name, rate, mailroom)) in bars.iter().enumerate() {
-        let y = top + i as f64 * (bar_h + gap);
-        let w = (rate / max * chart_w).max(1.0);
-        let fill = if *mailroom { "#2e86de" } else { "#8395a7" };
-        let _ = writeln!(
-            svg,
-            r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
-            label_w - 8.0,
-            y + bar_h * 0.7,
-            xml_escape(name)
-        );
-        let _ = writeln!(
-            svg,
-            r#"<rect x="{label_w}" y="{y}" width="{w:.1}" height="{bar_h}" fill="{fill}"/>"#
-        );
-        let _ = writeln!(
-            svg,
-            r#"<text x="{:.1}" y="{}">{rate:.0}</text>"#,
-            label_w + w + 6.0,
-            y + bar_h * 0.7
-        );
-    }
-    svg.push_str("</svg>\n");
-    svg
 }
 
 /// Writes `results.json` and `throughput.svg` into `dir`.
@@ -521,7 +485,7 @@ pub fn write(report: &Report, dir: &Path) -> anyhow::Result<()> {
     let path = dir.join("results.json");
     std::fs::write(&path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
     let path = dir.join("throughput.svg");
-    std::fs::write(&path, render_svg(report))
+    std::fs::write(&path, svg::render(report))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
@@ -535,10 +499,5 @@ mod tests {
         assert_eq!(median(vec![]), None);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
-    }
-
-    #[test]
-    fn escapes() {
-        assert_eq!(xml_escape("a<b&\"c\">"), "a&lt;b&amp;&quot;c&quot;&gt;");
     }
 }

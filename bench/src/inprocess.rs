@@ -1,0 +1,145 @@
+//! Mailroom in-process: the handler's configuration, `mailroom::start`, polling its counters
+//! until every message succeeded, and a clean stop.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use mailroom::telemetry::MetricsSnapshot;
+use mailroom::{Config, RunningHost};
+use tokio_util::sync::CancellationToken;
+
+use crate::native::STALL;
+use crate::report::Measurement;
+use crate::runner::Names;
+use crate::scenarios::{MailroomSpec, Workers};
+use crate::sys::{mib, Meter};
+
+/// How often the handler's counters are read while it drains.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Runs `config` (one handler named `name`) until `n` messages succeeded, timing from
+/// `mailroom::start` returning; then cancels it and waits for it to drain. With `max_workers`,
+/// also notes when the pool first had that many workers.
+pub async fn drain(
+    client: async_nats::Client,
+    config: Config,
+    name: &str,
+    n: u64,
+    max_workers: Option<usize>,
+) -> anyhow::Result<Measurement> {
+    let shutdown = CancellationToken::new();
+    let mut meter = Meter::start();
+    let t_start = Instant::now();
+    let running = mailroom::start(config, client, shutdown.clone())
+        .await
+        .with_context(|| format!("starting mailroom for {name}"))?;
+    let start_s = t_start.elapsed().as_secs_f64();
+    meter.restart_cpu();
+    let drained = wait_for(&running, name, n, max_workers).await;
+    let usage = meter.read();
+    shutdown.cancel();
+    let t_stop = Instant::now();
+    let stopped = tokio::time::timeout(Duration::from_secs(60), running.wait()).await;
+    let stop_s = t_stop.elapsed().as_secs_f64();
+    let (elapsed, snapshot, to_max) = drained?;
+    if stopped.is_err() {
+        bail!("mailroom did not drain within 60s after {name} was done");
+    }
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    Ok(Measurement {
+        messages: n,
+        seconds: secs,
+        msgs_per_s: n as f64 / secs,
+        p50_ms: Some(snapshot.latency_p50_us as f64 / 1000.0),
+        p99_ms: Some(snapshot.latency_p99_us as f64 / 1000.0),
+        cpu_s_per_1k: usage.cpu_seconds.map(|c| c / n as f64 * 1000.0),
+        peak_rss_mib: usage.peak_rss.map(mib),
+        start_s: Some(start_s),
+        stop_s: Some(stop_s),
+        time_to_max_workers_s: to_max.map(|d| d.as_secs_f64()),
+        host: Some(snapshot),
+        ..Measurement::default()
+    })
+}
+
+/// Polls the handler's counters every [`POLL`] until `n` messages succeeded. Returns the time
+/// it took, the last snapshot, and when the pool first reached `max_workers` (if it did).
+async fn wait_for(
+    running: &RunningHost,
+    name: &str,
+    n: u64,
+    max_workers: Option<usize>,
+) -> anyhow::Result<(Duration, MetricsSnapshot, Option<Duration>)> {
+    let started = Instant::now();
+    let mut to_max = None;
+    let mut progress = (0u64, Instant::now());
+    loop {
+        tokio::time::sleep(POLL).await;
+        let snapshot = running
+            .metrics()
+            .snapshot()
+            .into_iter()
+            .find(|(handler, _)| handler == name)
+            .map(|(_, s)| s)
+            .ok_or_else(|| anyhow!("the host has no handler named {name}"))?;
+        if to_max.is_none() && max_workers.is_some_and(|max| snapshot.workers >= max as i64) {
+            to_max = Some(started.elapsed());
+        }
+        if snapshot.succeeded >= n {
+            return Ok((started.elapsed(), snapshot, to_max));
+        }
+        if snapshot.succeeded != progress.0 {
+            progress = (snapshot.succeeded, Instant::now());
+        } else if progress.1.elapsed() > STALL {
+            bail!(
+                "{name}: no message succeeded for {STALL:?}; {} of {n} done; counters: {snapshot:?}",
+                snapshot.succeeded
+            );
+        }
+    }
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The host configuration of one scenario run: one handler named `name` on `names.stream`.
+pub fn config_text(name: &str, module: &Path, spec: &MailroomSpec, names: &Names) -> String {
+    let mut text = format!(
+        "[host]\ndrain_timeout = \"10s\"\n\n[[handler]]\nname = {}\nmodule = {}\nstream = {}\nordering = \"{}\"\n",
+        toml_string(name),
+        toml_string(&module.display().to_string()),
+        toml_string(&names.stream),
+        if spec.ordered { "subject" } else { "none" },
+    );
+    match spec.workers {
+        Workers::Fixed(n) => text.push_str(&format!("concurrency = {n}\n")),
+        Workers::Auto { min, max } => {
+            text.push_str(&format!("min_workers = {min}\nmax_workers = {max}\n"))
+        }
+    }
+    if spec.reuse {
+        text.push_str("isolation = \"reuse\"\n");
+    }
+    if spec.enrich {
+        text.push_str(&format!(
+            "publish = {{ allow = [{}] }}\nconfig = {{ output-subject = {} }}\n",
+            toml_string(&format!("{}out.>", names.prefix)),
+            toml_string(&names.output_subject),
+        ));
+    }
+    text
+}
