@@ -42,7 +42,7 @@ pub async fn drain(
     let t_stop = Instant::now();
     let stopped = tokio::time::timeout(Duration::from_secs(60), running.wait()).await;
     let stop_s = t_stop.elapsed().as_secs_f64();
-    let (elapsed, snapshot, to_max) = drained?;
+    let (elapsed, snapshot, to_max, rss_tenth, rss_end) = drained?;
     if stopped.is_err() {
         bail!("mailroom did not drain within 60s after {name} was done");
     }
@@ -59,6 +59,8 @@ pub async fn drain(
         stop_s: Some(stop_s),
         time_to_max_workers_s: to_max.map(|d| d.as_secs_f64()),
         host: Some(snapshot),
+        rss_at_tenth_mib: rss_tenth.map(mib),
+        rss_end_mib: rss_end.map(mib),
         ..Measurement::default()
     })
 }
@@ -70,9 +72,16 @@ async fn wait_for(
     name: &str,
     n: u64,
     max_workers: Option<usize>,
-) -> anyhow::Result<(Duration, MetricsSnapshot, Option<Duration>)> {
+) -> anyhow::Result<(
+    Duration,
+    MetricsSnapshot,
+    Option<Duration>,
+    Option<u64>,
+    Option<u64>,
+)> {
     let started = Instant::now();
     let mut to_max = None;
+    let mut rss_tenth = None;
     let mut progress = (0u64, Instant::now());
     loop {
         tokio::time::sleep(POLL).await;
@@ -86,8 +95,12 @@ async fn wait_for(
         if to_max.is_none() && max_workers.is_some_and(|max| snapshot.workers >= max as i64) {
             to_max = Some(started.elapsed());
         }
+        if rss_tenth.is_none() && snapshot.succeeded >= n / 10 {
+            rss_tenth = crate::sys::current_rss_bytes();
+        }
         if snapshot.succeeded >= n {
-            return Ok((started.elapsed(), snapshot, to_max));
+            let rss_end = crate::sys::current_rss_bytes();
+            return Ok((started.elapsed(), snapshot, to_max, rss_tenth, rss_end));
         }
         if snapshot.succeeded != progress.0 {
             progress = (snapshot.succeeded, Instant::now());

@@ -111,7 +111,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     // Only host warnings and errors; the host's info logs would drown the table.
     tracing_subscriber::fmt()
-        .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MAILROOM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

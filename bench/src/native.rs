@@ -172,6 +172,47 @@ pub async fn enrich(
     })
 }
 
+/// Drains `n` messages from `stream`, waiting ~1 ms (a tokio sleep) before each ack,
+/// `in_flight` at once: the ceiling for an I/O-bound handler on this machine.
+pub async fn io(
+    client: async_nats::Client,
+    stream: &str,
+    n: u64,
+    in_flight: usize,
+) -> anyhow::Result<Drained> {
+    let js = jetstream::new(client);
+    let latency = Histogram::default();
+    let mut meter = Meter::start();
+    let consumer = bind(&js, stream).await?;
+    meter.restart_cpu();
+    let started = Instant::now();
+    let messages = pull(&consumer).await?;
+    let n_usize = usize::try_from(n).context("too many messages for this platform")?;
+    let mut work = messages
+        .take(n_usize)
+        .map(|message| async move {
+            let message = message.map_err(|e| anyhow!("pulling: {e}"))?;
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            message.ack().await.map_err(|e| anyhow!("acking: {e}"))?;
+            since_published(&message)
+        })
+        .buffer_unordered(in_flight);
+    let mut done = 0u64;
+    while done < n {
+        match tokio::time::timeout(STALL, work.next()).await {
+            Err(_) => bail!("no message settled for {STALL:?} after {done} messages"),
+            Ok(None) => bail!("the pull stream ended after {done} messages"),
+            Ok(Some(result)) => latency.record(result?),
+        }
+        done += 1;
+    }
+    Ok(Drained {
+        elapsed: started.elapsed(),
+        latency,
+        usage: meter.read(),
+    })
+}
+
 async fn enrich_one(
     js: &jetstream::Context,
     message: &jetstream::Message,

@@ -98,6 +98,11 @@ impl Bench {
             Runner::Native => native::plain(client.clone(), &names.stream, n)
                 .await?
                 .measurement(n),
+            Runner::NativeIo { in_flight } => {
+                native::io(client.clone(), &names.stream, n, *in_flight)
+                    .await
+                    .map(|d| d.measurement(n))?
+            }
             Runner::NativeEnrich { in_flight } => native::enrich(
                 client.clone(),
                 &names.stream,

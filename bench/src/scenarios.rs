@@ -88,6 +88,12 @@ pub enum Runner {
         /// Messages in flight.
         in_flight: usize,
     },
+    /// async-nats: a ~1 ms tokio sleep (the same wait `sleep:1` makes the guest do), then
+    /// ack; this many messages at once.
+    NativeIo {
+        /// Messages in flight.
+        in_flight: usize,
+    },
     /// Mailroom in-process.
     Mailroom(MailroomSpec),
 }
@@ -185,7 +191,7 @@ pub fn compare(s: &Sizes) -> Vec<Scenario> {
     let vs = |name: &str| Baseline::Scenario(name.to_owned());
     let small = Payload::Filler(128);
     let large = Payload::Filler(1024);
-    vec![
+    let mut out = vec![
         sc("native", Runner::Native, small, n, 100, Baseline::None),
         sc("native-1k", Runner::Native, large, n, 100, Baseline::None),
         sc(
@@ -237,6 +243,16 @@ pub fn compare(s: &Sizes) -> Vec<Scenario> {
             vs("native-enrich"),
         ),
         sc(
+            "native-io",
+            Runner::NativeIo {
+                in_flight: s.io_workers,
+            },
+            SLEEP,
+            (n / 4).max(1),
+            100,
+            Baseline::None,
+        ),
+        sc(
             "mailroom-io",
             Runner::Mailroom(MailroomSpec {
                 guest: "flaky",
@@ -264,7 +280,19 @@ pub fn compare(s: &Sizes) -> Vec<Scenario> {
             100,
             vs("native"),
         ),
-    ]
+    ];
+    if !s.quick {
+        // Memory over a long run: RSS at a tenth of the messages and at the end.
+        out.push(sc(
+            "mailroom-soak",
+            noop(false, false),
+            small,
+            n * 10,
+            100,
+            Baseline::None,
+        ));
+    }
+    out
 }
 
 /// The ordering suite: every key count × handler × (ordered, unordered), in run order.

@@ -48,7 +48,11 @@ fn noop_wasm() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
     let path = target.join("wasm32-wasip2/release/noop.wasm");
-    assert!(path.exists(), "{} is missing: run `cargo xtask guests`", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask guests`",
+        path.display()
+    );
     path
 }
 
@@ -74,7 +78,10 @@ fn instance(c: &mut Criterion) {
     let mut group = c.benchmark_group("instance");
     for (name, isolation) in [
         ("fresh instance + call", Isolation::Fresh),
-        ("reused instance + call", Isolation::Reuse { max_uses: u32::MAX }),
+        (
+            "reused instance + call",
+            Isolation::Reuse { max_uses: u32::MAX },
+        ),
     ] {
         let module = runtime
             .load_handler(&noop_wasm(), Limits::default(), isolation, caps.clone())
@@ -97,7 +104,10 @@ fn instance(c: &mut Criterion) {
                             handler: "noop",
                         };
                         let invoked = module.invoke(&mut warm, msg, stream.clone()).await;
-                        assert!(matches!(invoked.outcome, mailroom::runtime::Outcome::Success));
+                        assert!(matches!(
+                            invoked.outcome,
+                            mailroom::runtime::Outcome::Success
+                        ));
                     }
                     start.elapsed()
                 })

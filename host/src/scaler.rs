@@ -6,10 +6,12 @@
 //!
 //! Policy:
 //! - **Up, quickly**, while there is more work than workers and every worker is busy: double
-//!   (at least +1), never above `max`, and in ordered mode never above the number of keys that
+//!   (quadruple when the backlog is 64 times the workers or more; at least +1), never above
+//!   `max`, and in ordered mode never above the number of keys that
 //!   could run (a worker without a runnable key is waste).
 //! - **Stop growing** when the last growth did not raise throughput by 10% (CPU-bound
-//!   handlers on few cores): hold that size for `plateau_hold`, then probe again.
+//!   handlers on few cores): go back to the size before it, hold that for `plateau_hold`,
+//!   then probe again.
 //! - **Not into a failing dependency**: while half or more of the attempts fail, do not grow.
 //! - **Down after a cooldown** once the backlog is gone (or more workers than runnable keys):
 //!   straight to the largest of `min`, the workers still busy, and the work that could run
@@ -93,8 +95,13 @@ impl Reason {
 
 #[derive(Debug, Clone)]
 struct Growth {
+    /// The size before the growth, to return to if it did not help.
+    from: usize,
     rate_before: f64,
     at: Instant,
+    /// Completions and time since the growth, to judge it on its own window.
+    completed: u64,
+    elapsed: Duration,
 }
 
 /// The controller's memory between ticks.
@@ -109,7 +116,7 @@ pub struct Scaler {
 }
 
 /// How long after a growth its effect is judged.
-const MEASURE: Duration = Duration::from_millis(1000);
+const MEASURE: Duration = Duration::from_millis(500);
 
 impl Scaler {
     /// A controller with `config`.
@@ -170,15 +177,28 @@ impl Scaler {
             return keep(Reason::Failing);
         }
 
-        if let Some(growth) = &self.growth {
+        if let Some(growth) = &mut self.growth {
+            // The tick of the growth itself still ran at the old size.
+            if o.now > growth.at {
+                growth.completed += o.completed;
+                growth.elapsed += o.elapsed;
+            }
             if o.now.duration_since(growth.at) < MEASURE {
                 return keep(Reason::Measuring);
             }
-            let helped = self.rate >= growth.rate_before * 1.1;
+            let rate_after = growth.completed as f64 / growth.elapsed.as_secs_f64().max(1e-3);
+            let helped = rate_after >= growth.rate_before * 1.1;
+            let from = growth.from;
+            // The window just measured is the baseline for the next growth.
+            self.rate = rate_after;
             self.growth = None;
             if !helped {
                 self.plateau_until = Some(o.now + self.config.plateau_hold);
-                return keep(Reason::Plateau);
+                // Extra workers that add nothing only cost memory: go back.
+                return Decision {
+                    target: from.clamp(self.config.min, self.config.max),
+                    reason: Reason::Plateau,
+                };
             }
         }
         if self.plateau_until.is_some_and(|until| o.now < until) {
@@ -187,13 +207,22 @@ impl Scaler {
         self.plateau_until = None;
 
         if saturated && o.workers < self.config.max && o.workers < useful {
-            let target = (o.workers * 2)
+            // A deep backlog (many times what the workers hold) quadruples the pool.
+            let factor = if o.backlog >= 64 * o.workers as u64 {
+                4
+            } else {
+                2
+            };
+            let target = (o.workers * factor)
                 .max(o.workers + 1)
                 .min(self.config.max)
                 .min(useful.max(o.workers + 1));
             self.growth = Some(Growth {
+                from: o.workers,
                 rate_before: self.rate,
                 at: o.now,
+                completed: 0,
+                elapsed: Duration::ZERO,
             });
             return Decision {
                 target,
@@ -285,8 +314,8 @@ mod tests {
             }
         }
         let ticks = ticks_to_max.expect("reached max");
-        // 1 → 2 → 4 → 8 → 16, each growth judged after a second: about 4 growths × 4 ticks.
-        assert!(ticks <= 20, "reached max after {ticks} ticks");
+        // 1 → 4 → 16 (a deep backlog quadruples), each growth judged half a second later.
+        assert!(ticks <= 8, "reached max after {ticks} ticks");
         // Drain 50,000 at ~1,600/s ≈ 31s = 125 ticks, then 5s cooldown = 20 ticks.
         assert_eq!(sim.backlog, 0.0);
         assert_eq!(sim.workers, 1, "back to min after the cooldown");

@@ -41,6 +41,10 @@ pub struct Measurement {
     pub outputs: Option<u64>,
     /// Mailroom: the handler's counters at the end.
     pub host: Option<MetricsSnapshot>,
+    /// Mailroom: resident memory of this process when a tenth of the messages were done, MiB.
+    pub rss_at_tenth_mib: Option<f64>,
+    /// Mailroom: resident memory of this process when all were done, MiB.
+    pub rss_end_mib: Option<f64>,
 }
 
 /// The machine and server.
@@ -203,6 +207,9 @@ fn describe_runner(runner: &Runner) -> String {
         Runner::NativeEnrich { in_flight } => {
             format!("async-nats, enrich + publish + ack, {in_flight} in flight")
         }
+        Runner::NativeIo { in_flight } => {
+            format!("async-nats, 1 ms tokio sleep + ack, {in_flight} in flight")
+        }
         Runner::Mailroom(spec) => {
             let workers = match spec.workers {
                 Workers::Fixed(n) => format!("concurrency {n}"),
@@ -317,14 +324,27 @@ pub fn ratio_lines(reports: &[ScenarioReport]) -> Vec<RatioLine> {
         ("mailroom-enrich", "native-enrich"),
         ("mailroom-io", "ideal"),
         ("mailroom-reuse", "native"),
+        ("mailroom-io", "native-io"),
     ]
     .into_iter()
-    .map(|(name, base)| RatioLine {
-        name: format!("{name}/{base}"),
-        value: reports
-            .iter()
-            .find(|r| r.name == name)
-            .and_then(|r| r.ratio),
+    .map(|(name, base)| {
+        let find = |n: &str| reports.iter().find(|r| r.name == n);
+        let value = if base == "native-io" {
+            // Not the scenario's own baseline: computed from both medians.
+            match (
+                find(name).and_then(|r| r.median.as_ref()),
+                find(base).and_then(|r| r.median.as_ref()),
+            ) {
+                (Some(a), Some(b)) if b.msgs_per_s > 0.0 => Some(a.msgs_per_s / b.msgs_per_s),
+                _ => None,
+            }
+        } else {
+            find(name).and_then(|r| r.ratio)
+        };
+        RatioLine {
+            name: format!("{name}/{base}"),
+            value,
+        }
     })
     .collect()
 }
@@ -363,6 +383,19 @@ fn notes(report: &Report) -> Vec<String> {
                 r.baseline.as_deref().unwrap_or("ideal"),
                 opt(r.baseline_msgs_per_s, 0),
             ));
+        }
+        if r.name == "mailroom-soak" {
+            for m in &r.rounds {
+                if let (Some(a), Some(b)) = (m.rss_at_tenth_mib, m.rss_end_mib) {
+                    notes.push(format!(
+                        "note: mailroom-soak: process RSS {a:.1} MiB after {} messages, {b:.1} MiB \
+                         after {} ({:+.1}%)",
+                        m.messages / 10,
+                        m.messages,
+                        (b / a - 1.0) * 100.0
+                    ));
+                }
+            }
         }
         for m in &r.rounds {
             if let Some(h) = &m.host {

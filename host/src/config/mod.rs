@@ -154,6 +154,8 @@ pub struct HandlerConfig {
     pub max_workers: usize,
     /// Most messages this host holds for the handler (running or waiting for their key).
     pub max_buffered: usize,
+    /// Unordered handlers: messages fetched ahead of the workers (at least two per worker).
+    pub prefetch: usize,
     /// Most distinct ordering keys held; at the cap the host stops pulling.
     pub max_keys: usize,
     /// The consumer's `max_ack_pending`, shared by every host: cover hosts × `max_buffered`.
@@ -396,6 +398,12 @@ fn convert_handler(
              workers could not all be fed"
         );
     }
+    let prefetch = h.prefetch.unwrap_or(128) as usize;
+    if prefetch == 0 || prefetch > max_buffered {
+        bail!(
+            "{ctx}: prefetch must be between 1 and max_buffered ({max_buffered}), got {prefetch}"
+        );
+    }
     let max_keys = h.max_keys.map_or(max_buffered, |k| k as usize);
     if max_keys == 0 {
         bail!("{ctx}: max_keys must be at least 1");
@@ -476,6 +484,7 @@ fn convert_handler(
         min_workers: min_workers as usize,
         max_workers: max_workers as usize,
         max_buffered,
+        prefetch,
         max_keys,
         max_ack_pending,
         scale_cooldown,

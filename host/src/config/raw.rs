@@ -90,6 +90,7 @@ pub struct RawHandler {
     pub on_missing_key: Option<String>,
     pub on_exhausted: Option<String>,
     pub max_buffered: Option<u32>,
+    pub prefetch: Option<u32>,
     pub max_keys: Option<u32>,
     pub max_ack_pending: Option<i64>,
     pub scale_cooldown: Option<String>,

@@ -6,8 +6,8 @@
 //! - Only this module acknowledges messages (through [`delivery::Delivery`]).
 //! - A message is acked only after its handler succeeded and every publish it made was
 //!   confirmed ([`worker`]).
-//! - The host holds at most its capacity (ordered: `max_buffered`; unordered: two messages
-//!   per worker, so fetched messages start soon) plus a few after a pull reset. At
+//! - The host holds at most its capacity (ordered: `max_buffered`; unordered: `prefetch` or two
+//!   messages per worker, whichever is more) plus a few after a pull reset. At
 //!   `max_keys` distinct keys it stops pulling (a batch already requested can go past the key
 //!   cap by at most its size). At a cap it stops pulling; it never drops.
 //! - No held message goes half an AckWait without JetStream hearing of it: running ones get
@@ -117,8 +117,12 @@ impl Shared {
             // Messages of busy keys wait here while other keys run: buffer up to the cap.
             self.config.max_buffered
         } else {
-            // Unordered messages never wait for a key: fetch what the workers start soon.
-            (2 * self.pool.target()).min(self.config.max_buffered)
+            // Unordered messages never wait for a key, but fetching only what the workers can
+            // start right away costs a pull round trip per handful of messages: keep
+            // `prefetch` in hand (they are kept alive by progress acks while they wait).
+            (2 * self.pool.target())
+                .max(self.config.prefetch)
+                .min(self.config.max_buffered)
         }
     }
 
@@ -451,7 +455,7 @@ async fn scale(
         min: shared.pool.min(),
         max: shared.pool.max(),
         cooldown: shared.config.scale_cooldown,
-        plateau_hold: Duration::from_secs(30),
+        plateau_hold: Duration::from_secs(10),
     });
     let m = &shared.metrics;
     let mut ticker = tokio::time::interval(SCALE_TICK);

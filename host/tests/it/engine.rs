@@ -232,9 +232,9 @@ async fn the_pool_grows_with_a_backlog_drains_and_shrinks_after_the_cooldown() {
     );
     let host = env.start(cfg).await;
     const N: u64 = 50_000;
-    env.publish_many((0..N).map(|i| (format!("jobs.{}", i % 100), "sleep:4".into())))
-        .await;
     let start = Instant::now();
+    env.publish_many((0..N).map(|i| (format!("jobs.{}", i % 100), "sleep:8".into())))
+        .await;
     let mut reached_max = None;
     loop {
         let m = host.metrics("flaky");
@@ -248,10 +248,11 @@ async fn the_pool_grows_with_a_backlog_drains_and_shrinks_after_the_cooldown() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let reached = reached_max.expect("the pool reached max_workers");
-    // Four doublings (1, 2, 4, 8, 16), each judged after a second: about 4-6s of ticks.
+    // 1 → 4 → 16 (the backlog is deep), each growth judged half a second later; on a machine
+    // busy with other tests a growth may not pay off at once and is retried after the hold.
     assert!(
-        reached < Duration::from_secs(10),
-        "reached max after {reached:?}"
+        reached < Duration::from_secs(20),
+        "reached max {reached:?} after the backlog began"
     );
     let drained = Instant::now();
     loop {
@@ -266,7 +267,7 @@ async fn the_pool_grows_with_a_backlog_drains_and_shrinks_after_the_cooldown() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let m = host.metrics("flaky");
-    assert!(m.scale_ups >= 4 && m.scale_downs >= 1, "{m:?}");
+    assert!(m.scale_ups >= 2 && m.scale_downs >= 1, "{m:?}");
     host.stop().await;
 }
 
