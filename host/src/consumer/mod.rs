@@ -72,6 +72,8 @@ pub struct Shared {
     pub pool: Pool,
     held: AtomicUsize,
     freed: Notify,
+    /// The fetch loop wants waking once `held` drops to this (a batch's worth of room).
+    wake_at: AtomicUsize,
     draining: AtomicBool,
     server_pending: AtomicU64,
 }
@@ -97,6 +99,7 @@ impl Shared {
             metrics,
             held: AtomicUsize::new(0),
             freed: Notify::new(),
+            wake_at: AtomicUsize::new(usize::MAX),
             draining: AtomicBool::new(false),
             server_pending: AtomicU64::new(0),
         }
@@ -132,9 +135,13 @@ impl Shared {
     }
 
     fn release(&self) {
-        self.held.fetch_sub(1, Ordering::Relaxed);
+        let held = self.held.fetch_sub(1, Ordering::Relaxed) - 1;
         self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.freed.notify_one();
+        // Waking the fetch loop for every settled message would cost a task switch each;
+        // it only needs to hear once there is room for a batch.
+        if held <= self.wake_at.load(Ordering::Relaxed) {
+            self.freed.notify_one();
+        }
     }
 }
 
@@ -267,6 +274,7 @@ async fn work(shared: Arc<Shared>, abort: CancellationToken) {
             return;
         }
         let ticket = tokio::select! {
+            biased;
             ticket = shared.executor.next() => ticket,
             _ = shared.pool.shrunk() => continue,
         };
@@ -325,6 +333,17 @@ async fn fetch(shared: &Arc<Shared>, puller: &mut Puller, shutdown: &Cancellatio
                 continue;
             }
         }
+        // Wake up again once releases leave room for a batch (or for anything, when no
+        // request is out).
+        let room = if puller.outstanding() == 0 {
+            1
+        } else {
+            min_batch
+        };
+        shared.wake_at.store(
+            capacity.saturating_sub(puller.outstanding() + room),
+            Ordering::Relaxed,
+        );
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,

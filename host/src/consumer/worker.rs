@@ -116,6 +116,7 @@ async fn process_in_span(
         };
         let invocation = shared.module.invoke(warm, msg, shared.stream.clone());
         tokio::select! {
+            biased;
             invoked = keep_alive(shared, delivery, &mut job.touched, invocation) => invoked,
             _ = cancel.cancelled() => {
                 tracing::info!("drain deadline reached while the handler ran; handing the message back");
@@ -224,6 +225,8 @@ async fn keep_alive<F: std::future::Future>(
     loop {
         let due = tokio::time::Instant::from_std(*touched + half);
         tokio::select! {
+            // Work first: a call that finishes at once never registers the timer.
+            biased;
             output = &mut work => return output,
             _ = tokio::time::sleep_until(due) => {
                 *touched = Instant::now();

@@ -230,14 +230,14 @@ impl<T> Lanes<T> {
     }
 
     /// Marks the running item of `key` as finished (done or dead-lettered): the key's next
-    /// item, if any, becomes ready at the back of the round.
-    pub fn done(&mut self, key: Option<&Arc<str>>) {
+    /// item, if any, becomes ready at the back of the round. Returns whether it did.
+    pub fn done(&mut self, key: Option<&Arc<str>>) -> bool {
         self.running -= 1;
         let Some(key) = key else {
-            return;
+            return false;
         };
         let Some(lane) = self.lanes.get_mut(key) else {
-            return;
+            return false;
         };
         lane.running = None;
         if lane.blocked {
@@ -246,9 +246,11 @@ impl<T> Lanes<T> {
         }
         if lane.items.is_empty() {
             self.lanes.remove(key);
+            false
         } else {
             lane.state = State::Ready;
             self.ready.push_back(key.clone());
+            true
         }
     }
 

@@ -79,6 +79,12 @@ impl<T> Executor<T> {
 
     /// The next runnable item; waits for one. `None` once closed.
     pub async fn next(&self) -> Option<Ticket<T>> {
+        // Fast path: work is waiting, so no wake-up needs registering.
+        if !self.closed.load(Ordering::Acquire) {
+            if let Some(ticket) = self.take_next() {
+                return Some(ticket);
+            }
+        }
         loop {
             let notified = self.ready.notified();
             tokio::pin!(notified);
@@ -86,17 +92,10 @@ impl<T> Executor<T> {
             if self.closed.load(Ordering::Acquire) {
                 return None;
             }
-            let deadline = {
-                let mut lanes = self.lock();
-                if let Some(ticket) = lanes.next(Instant::now()) {
-                    if lanes.stats().runnable > 0 {
-                        // Pass the wake-up on: another idle worker can start the next one.
-                        self.ready.notify_one();
-                    }
-                    return Some(ticket);
-                }
-                lanes.next_deadline()
-            };
+            if let Some(ticket) = self.take_next() {
+                return Some(ticket);
+            }
+            let deadline = self.lock().next_deadline();
             match deadline {
                 Some(at) => {
                     tokio::select! {
@@ -109,10 +108,22 @@ impl<T> Executor<T> {
         }
     }
 
+    fn take_next(&self) -> Option<Ticket<T>> {
+        let mut lanes = self.lock();
+        let ticket = lanes.next(Instant::now())?;
+        if lanes.stats().runnable > 0 {
+            // Pass the wake-up on: another idle worker can start the next one.
+            self.ready.notify_one();
+        }
+        Some(ticket)
+    }
+
     /// The item of `key` finished (acked, or dead-lettered).
     pub fn done(&self, key: Option<&Arc<str>>) {
-        self.lock().done(key);
-        self.ready.notify_one();
+        if self.lock().done(key) {
+            // The key's next message became ready.
+            self.ready.notify_one();
+        }
     }
 
     /// Runs the item again at `until`, keeping its key blocked meanwhile.
