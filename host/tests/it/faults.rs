@@ -342,7 +342,7 @@ async fn ten_percent_traps_under_load_all_end_processed_and_memory_stays_flat() 
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
-            if rng % 10 == 0 {
+            if rng.is_multiple_of(10) {
                 "trap-once"
             } else {
                 "ok"
