@@ -53,7 +53,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
 
-    /// N, the messages of each compare scenario (mailroom-io drains N/4). Default: 100,000,
+    /// N, the messages of each compare scenario (mailroom-io drains N/4). Default: 200,000,
     /// or 20,000 with --quick. The ordering suite has fixed sizes: 50,000 for noop, 10,000 for
     /// io and 2,000 for io with a single subject.
     #[arg(long, value_name = "N")]
@@ -215,7 +215,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let sizes = Sizes {
         messages: args
             .messages
-            .unwrap_or(if args.quick { 20_000 } else { 100_000 })
+            .unwrap_or(if args.quick { 20_000 } else { 200_000 })
             .max(1),
         workers: args.workers.max(1),
         io_workers: args.io_workers.max(1),

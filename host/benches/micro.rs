@@ -33,7 +33,7 @@ fn executor(c: &mut Criterion) {
                         let key = &names[(i as usize * 7919) % names.len()];
                         lanes.push(Some(key), *seq, i);
                         let ticket = lanes.next(now).expect("a ready lane");
-                        lanes.done(ticket.key.as_ref());
+                        lanes.done(ticket.key.as_ref(), ticket.seq);
                     }
                 },
                 BatchSize::LargeInput,

@@ -302,11 +302,11 @@ async fn work(shared: Arc<Shared>, abort: CancellationToken) {
                 // never asks an unordered message to be retried in place; should it, the
                 // message is handed back too rather than lost.)
                 worker::nak_now(&shared, &job.delivery).await;
-                shared.executor.done(None);
+                shared.executor.done(None, seq);
                 shared.release();
             }
             (Settled::Done, _) => {
-                shared.executor.done(key.as_ref());
+                shared.executor.done(key.as_ref(), seq);
                 shared.release();
             }
         }

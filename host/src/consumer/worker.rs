@@ -180,12 +180,7 @@ async fn process_in_span(
                     blocked: false,
                 };
             }
-            if let Err(err) = delivery
-                .nak(&shared.client, delay, shared.confirm_acks())
-                .await
-            {
-                ack_failed(shared, "nak", &err);
-            }
+            nak(shared, delivery, delay, shared.confirm_acks()).await;
             Settled::Done
         }
         Disposition::DeadLetter(cause) if block && cause.kind != "reject" => {
@@ -278,9 +273,7 @@ async fn dead_letter_and_term(
                 Err(err) => {
                     tracing::error!("{err}; the message will be tried again later");
                     let delay = shared.config.retry.delay(attempts);
-                    if let Err(err) = delivery.nak(&shared.client, delay, confirm).await {
-                        ack_failed(shared, "nak", &err);
-                    }
+                    nak(shared, delivery, delay, confirm).await;
                 }
             }
         }
@@ -302,7 +295,15 @@ async fn dead_letter_and_term(
 
 /// Hands a message back for immediate redelivery (drain), confirmed.
 pub async fn nak_now(shared: &Shared, delivery: &Delivery) {
-    if let Err(err) = delivery.nak(&shared.client, Duration::ZERO, true).await {
+    nak(shared, delivery, Duration::ZERO, true).await;
+}
+
+/// Hands a message back to JetStream for redelivery after `delay`. The executor forgets the
+/// sequence first: a redelivery that arrives before this worker calls `done` is a new delivery
+/// to run, not a duplicate of the one it holds.
+async fn nak(shared: &Shared, delivery: &Delivery, delay: Duration, confirm: bool) {
+    shared.executor.forget(delivery.stream_sequence);
+    if let Err(err) = delivery.nak(&shared.client, delay, confirm).await {
         ack_failed(shared, "nak", &err);
     }
 }

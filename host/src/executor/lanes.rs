@@ -7,12 +7,13 @@
 //! - a lane's items leave in stream-sequence order (a lower sequence that arrives late is put
 //!   before higher ones still waiting; it cannot overtake one already running or done);
 //! - every pushed item is handed out by [`Lanes::next`] or returned by [`Lanes::take_waiting`],
-//!   except a duplicate of a sequence the lane already holds, which [`Lanes::push`] hands back;
+//!   except a duplicate of a sequence already held (waiting or running, keyed or not), which
+//!   [`Lanes::push`] hands back;
 //! - ready lanes are served round-robin: a lane that becomes ready waits for at most one turn
 //!   of each lane ahead of it.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -96,6 +97,12 @@ pub struct Lanes<T> {
     lanes: HashMap<Arc<str>, Lane<T>>,
     ready: VecDeque<Arc<str>>,
     unordered: VecDeque<(u64, T)>,
+    /// Sequences of the unordered items held, waiting or running: a redelivery of one of them
+    /// is a duplicate, as in a lane.
+    unordered_held: HashSet<u64>,
+    /// Running unordered items already handed back (see [`Lanes::forget`]): their `done` must
+    /// not unmark a redelivered copy of the same sequence.
+    forgotten: HashSet<u64>,
     timers: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
     waiting: usize,
     running: usize,
@@ -108,6 +115,8 @@ impl<T> Default for Lanes<T> {
             lanes: HashMap::new(),
             ready: VecDeque::new(),
             unordered: VecDeque::new(),
+            unordered_held: HashSet::new(),
+            forgotten: HashSet::new(),
             timers: BinaryHeap::new(),
             waiting: 0,
             running: 0,
@@ -136,6 +145,9 @@ impl<T> Lanes<T> {
     /// Where an item of `key` and `seq` goes; borrows nothing from the item.
     fn place(&self, key: Option<&str>, seq: u64) -> Place {
         let Some(key) = key else {
+            if self.unordered_held.contains(&seq) {
+                return Place::Duplicate;
+            }
             return Place::Unordered;
         };
         let Some((key, lane)) = self.lanes.get_key_value(key) else {
@@ -165,7 +177,10 @@ impl<T> Lanes<T> {
                 self.waiting -= 1;
                 return Pushed::Duplicate(item);
             }
-            Place::Unordered => self.unordered.push_back((seq, item)),
+            Place::Unordered => {
+                self.unordered_held.insert(seq);
+                self.unordered.push_back((seq, item));
+            }
             Place::Lane { key, at, late } => match self.lanes.get_mut(&key) {
                 Some(lane) => {
                     lane.items.insert(at, (seq, item));
@@ -229,11 +244,14 @@ impl<T> Lanes<T> {
         None
     }
 
-    /// Marks the running item of `key` as finished (done or dead-lettered): the key's next
-    /// item, if any, becomes ready at the back of the round. Returns whether it did.
-    pub fn done(&mut self, key: Option<&Arc<str>>) -> bool {
+    /// Marks the running item `seq` of `key` as finished (settled or handed back): the key's
+    /// next item, if any, becomes ready at the back of the round. Returns whether it did.
+    pub fn done(&mut self, key: Option<&Arc<str>>, seq: u64) -> bool {
         self.running -= 1;
         let Some(key) = key else {
+            if self.forgotten.is_empty() || !self.forgotten.remove(&seq) {
+                self.unordered_held.remove(&seq);
+            }
             return false;
         };
         let Some(lane) = self.lanes.get_mut(key) else {
@@ -251,6 +269,14 @@ impl<T> Lanes<T> {
             lane.state = State::Ready;
             self.ready.push_back(key.clone());
             true
+        }
+    }
+
+    /// Forgets that the unordered item `seq` is held (it is being handed back to the server):
+    /// from now on a delivery of `seq` is queued, not refused as a duplicate.
+    pub fn forget(&mut self, seq: u64) {
+        if self.unordered_held.remove(&seq) {
+            self.forgotten.insert(seq);
         }
     }
 
@@ -303,7 +329,15 @@ impl<T> Lanes<T> {
     /// Removes and returns every waiting item (ready, in backoff, blocked); running items stay
     /// with their workers.
     pub fn take_waiting(&mut self) -> Vec<T> {
-        let mut out: Vec<T> = self.unordered.drain(..).map(|(_, t)| t).collect();
+        let held = &mut self.unordered_held;
+        let mut out: Vec<T> = self
+            .unordered
+            .drain(..)
+            .map(|(seq, t)| {
+                held.remove(&seq);
+                t
+            })
+            .collect();
         for lane in self.lanes.values_mut() {
             out.extend(lane.items.drain(..).map(|(_, t)| t));
         }

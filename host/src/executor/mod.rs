@@ -118,12 +118,18 @@ impl<T> Executor<T> {
         Some(ticket)
     }
 
-    /// The item of `key` finished (acked, or dead-lettered).
-    pub fn done(&self, key: Option<&Arc<str>>) {
-        if self.lock().done(key) {
+    /// The item `seq` of `key` finished (acked, dead-lettered or handed back).
+    pub fn done(&self, key: Option<&Arc<str>>, seq: u64) {
+        if self.lock().done(key, seq) {
             // The key's next message became ready.
             self.ready.notify_one();
         }
+    }
+
+    /// Forgets that the unordered item `seq` is held, before it is handed back to the server,
+    /// so that its redelivery is not mistaken for a duplicate.
+    pub fn forget(&self, seq: u64) {
+        self.lock().forget(seq);
     }
 
     /// Runs the item again at `until`, keeping its key blocked meanwhile.

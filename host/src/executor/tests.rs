@@ -84,7 +84,7 @@ fn simulate(msgs: &[Msg], workers: usize, cap: usize, max_attempts: u32, backoff
                     run.seq
                 );
                 order.entry(msg.key).or_default().push(run.seq);
-                lanes.done(Some(&key));
+                lanes.done(Some(&key), run.seq);
                 held -= 1;
             }
         }
@@ -164,7 +164,7 @@ fn a_key_with_one_message_waits_at_most_one_turn_behind_a_hot_key() {
     lanes.push(Some("cold"), 101, 101);
     let first = lanes.next(now).unwrap();
     assert_eq!(first.key.as_deref(), Some("hot"));
-    lanes.done(first.key.as_ref());
+    lanes.done(first.key.as_ref(), first.seq);
     let second = lanes.next(now).unwrap();
     assert_eq!(
         second.key.as_deref(),
@@ -187,7 +187,7 @@ fn ready_keys_rotate() {
     let mut served = String::new();
     while let Some(t) = lanes.next(now) {
         served.push_str(t.key.as_deref().unwrap());
-        lanes.done(t.key.as_ref());
+        lanes.done(t.key.as_ref(), t.seq);
     }
     assert_eq!(served, "abcabcabc");
 }
@@ -221,7 +221,7 @@ fn duplicates_are_handed_back_and_late_redeliveries_flagged_and_sorted() {
         Pushed::Queued { late: true }
     );
     assert!(lanes.next(now).is_none(), "key k is busy");
-    lanes.done(running.key.as_ref());
+    lanes.done(running.key.as_ref(), running.seq);
     assert_eq!(lanes.next(now).unwrap().item, "three");
 }
 
@@ -240,7 +240,7 @@ fn a_retried_item_blocks_its_key_until_its_time() {
     assert_eq!(lanes.blocked_keys(10), ["k"]);
     let other = lanes.next(now).unwrap();
     assert_eq!(other.seq, 3, "other keys go on");
-    lanes.done(other.key.as_ref());
+    lanes.done(other.key.as_ref(), other.seq);
     assert!(
         lanes.next(now).is_none(),
         "k's later message must not overtake"
@@ -248,9 +248,57 @@ fn a_retried_item_blocks_its_key_until_its_time() {
     assert_eq!(lanes.next_deadline(), Some(now + Duration::from_secs(1)));
     let again = lanes.next(now + Duration::from_secs(1)).unwrap();
     assert_eq!(again.seq, 1);
-    lanes.done(again.key.as_ref());
+    lanes.done(again.key.as_ref(), again.seq);
     assert_eq!(lanes.stats().blocked, 0, "a success unblocks the key");
     assert_eq!(lanes.next(now + Duration::from_secs(1)).unwrap().seq, 2);
+}
+
+#[test]
+fn unordered_redeliveries_of_held_messages_are_duplicates_until_settled() {
+    let mut lanes: Lanes<&str> = Lanes::default();
+    let now = Instant::now();
+    lanes.push(None, 1, "one");
+    lanes.push(None, 2, "two");
+    // Waiting: a second copy is handed back.
+    assert_eq!(
+        lanes.push(None, 2, "two again"),
+        Pushed::Duplicate("two again")
+    );
+    let running = lanes.next(now).unwrap();
+    assert_eq!(running.seq, 1);
+    // Running: likewise.
+    assert_eq!(
+        lanes.push(None, 1, "one again"),
+        Pushed::Duplicate("one again")
+    );
+    lanes.done(None, running.seq);
+    // Settled (acked, or naked for a later retry): a new delivery runs again.
+    assert_eq!(
+        lanes.push(None, 1, "one, redelivered"),
+        Pushed::Queued { late: false }
+    );
+    // Being naked: forgotten before the nak leaves, so a quick redelivery is not refused.
+    let naked = lanes.next(now).unwrap();
+    assert_eq!(naked.seq, 2);
+    lanes.forget(naked.seq);
+    assert_eq!(
+        lanes.push(None, 2, "two, back"),
+        Pushed::Queued { late: false }
+    );
+    lanes.done(None, naked.seq);
+    // The naked copy's `done` leaves the redelivered copy marked as held.
+    assert_eq!(
+        lanes.push(None, 2, "two, thrice"),
+        Pushed::Duplicate("two, thrice")
+    );
+    // Handed back at shutdown: forgotten too.
+    let mut rest = lanes.take_waiting();
+    rest.sort_unstable();
+    assert_eq!(rest, ["one, redelivered", "two, back"]);
+    assert_eq!(
+        lanes.push(None, 2, "two, again"),
+        Pushed::Queued { late: false }
+    );
 }
 
 #[test]
@@ -299,7 +347,7 @@ async fn workers_wake_for_pushes_retries_and_close() {
                     continue;
                 }
                 seen.push(t.seq);
-                ex.done(t.key.as_ref());
+                ex.done(t.key.as_ref(), t.seq);
                 if seen.len() == 3 {
                     break;
                 }
