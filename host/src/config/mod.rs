@@ -154,7 +154,8 @@ pub struct HandlerConfig {
     pub max_workers: usize,
     /// Most messages this host holds for the handler (running or waiting for their key).
     pub max_buffered: usize,
-    /// Unordered handlers: messages fetched ahead of the workers (at least two per worker).
+    /// Unordered handlers: messages held, running or fetched ahead of the workers (at least two
+    /// per worker; default `max_buffered`).
     pub prefetch: usize,
     /// Most distinct ordering keys held; at the cap the host stops pulling.
     pub max_keys: usize,
@@ -398,7 +399,7 @@ fn convert_handler(
              workers could not all be fed"
         );
     }
-    let prefetch = h.prefetch.unwrap_or(128) as usize;
+    let prefetch = h.prefetch.map_or(max_buffered, |p| p as usize);
     if prefetch == 0 || prefetch > max_buffered {
         bail!(
             "{ctx}: prefetch must be between 1 and max_buffered ({max_buffered}), got {prefetch}"

@@ -27,8 +27,8 @@ fn minimal_config_gets_defaults() {
     assert_eq!(h.ordering, Ordering::Subject);
     assert_eq!(h.on_exhausted, OnExhausted::DeadLetter);
     assert_eq!(
-        (h.max_buffered, h.max_keys, h.max_ack_pending),
-        (1000, 1000, 10_000)
+        (h.max_buffered, h.max_keys, h.prefetch, h.max_ack_pending),
+        (1000, 1000, 1000, 10_000)
     );
     assert_eq!(h.ack_wait, Duration::from_secs(30));
     assert_eq!(h.retry, RetryPolicy::default());
