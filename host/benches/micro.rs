@@ -1,5 +1,7 @@
-//! Micro-benchmarks of the two per-message costs the host adds: scheduling a message through
-//! the keyed executor, and a fresh (or reused) instance plus call of a no-op handler.
+//! Micro-benchmarks of the per-message costs the host adds: scheduling a message through the
+//! keyed executor, a fresh (or reused) instance plus call of a no-op handler, and the same for
+//! the `enrich` example (JSON in, one publish out, into an in-memory backend: the wasm side of
+//! the `mailroom-enrich` benchmark without NATS).
 //!
 //! `cargo bench -p mailroom` (the guests must be built: `cargo xtask guests`).
 
@@ -8,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use mailroom::capabilities::{Grants, HandlerCaps, MemoryBackend};
+use mailroom::capabilities::{Grants, HandlerCaps, MemoryBackend, SubjectPattern};
 use mailroom::executor::lanes::Lanes;
 use mailroom::runtime::{GuestMessage, Isolation, Limits, Runtime, RuntimeConfig};
 
@@ -43,11 +45,11 @@ fn executor(c: &mut Criterion) {
     group.finish();
 }
 
-fn noop_wasm() -> PathBuf {
+fn guest_wasm(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("wasm32-wasip2/release/noop.wasm");
+    let path = target.join(format!("wasm32-wasip2/release/{name}.wasm"));
     assert!(
         path.exists(),
         "{} is missing: run `cargo xtask guests`",
@@ -84,7 +86,12 @@ fn instance(c: &mut Criterion) {
         ),
     ] {
         let module = runtime
-            .load_handler(&noop_wasm(), Limits::default(), isolation, caps.clone())
+            .load_handler(
+                &guest_wasm("noop"),
+                Limits::default(),
+                isolation,
+                caps.clone(),
+            )
             .expect("noop loads");
         let stream: Arc<str> = "S".into();
         let mut warm = None;
@@ -114,6 +121,53 @@ fn instance(c: &mut Criterion) {
             });
         });
     }
+    let enrich_caps = Arc::new(HandlerCaps {
+        name: "enrich".into(),
+        grants: Grants {
+            publish: vec![SubjectPattern::parse("enriched.>").expect("pattern")],
+            kv_buckets: Vec::new(),
+        },
+        settings: [("output-subject".to_owned(), "enriched.orders".to_owned())].into(),
+        max_publishes: 1,
+        log_budget: 1024,
+        backend: Arc::new(MemoryBackend::new(1 << 20)),
+        metrics: Arc::default(),
+    });
+    let enrich = runtime
+        .load_handler(
+            &guest_wasm("enrich"),
+            Limits::default(),
+            Isolation::Fresh,
+            enrich_caps,
+        )
+        .expect("enrich loads");
+    let stream: Arc<str> = "S".into();
+    group.bench_function("enrich: fresh instance + call + publish", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let msg = GuestMessage {
+                        subject: "orders.k7",
+                        payload: br#"{"id":7,"customer":"c-7","amount_cents":250000}"#,
+                        headers: &[],
+                        stream: "S",
+                        sequence: 7,
+                        attempt: 1,
+                        published_unix_nanos: 0,
+                        handler: "enrich",
+                    };
+                    let invoked = enrich.invoke(&mut None, msg, stream.clone()).await;
+                    assert!(matches!(
+                        invoked.outcome,
+                        mailroom::runtime::Outcome::Success
+                    ));
+                    assert_eq!(invoked.publishes.len(), 1);
+                }
+                start.elapsed()
+            })
+        });
+    });
     group.finish();
 }
 
