@@ -1,5 +1,5 @@
 //! The connection's security: TLS with a private CA and client certificates, user/password,
-//! token and nkey authentication, and secrets kept out of the logs.
+//! token, nkey and credentials-file (JWT) authentication, and secrets kept out of the logs.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -199,6 +199,141 @@ async fn nkey_authentication() {
             "[nats]\nnkey_seed_file = \"{}\"\n",
             seed.display()
         )),
+        &server.url(),
+    )
+    .await;
+}
+
+/// Base64url without padding, as JWTs use it.
+fn base64url(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(ABC[(n >> (18 - 6 * i)) as usize & 63] as char);
+        }
+    }
+    out
+}
+
+/// A NATS JWT (`ed25519-nkey`) for `subject`, with `nats` claims, signed by `issuer`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, nats: serde_json::Value) -> String {
+    let claims = serde_json::json!({
+        "jti": format!("mailroom-test-{subject}"),
+        "iat": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        "iss": issuer.public_key(),
+        "sub": subject,
+        "name": "mailroom-test",
+        "nats": nats,
+    });
+    let signed = format!(
+        "{}.{}",
+        base64url(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+        base64url(claims.to_string().as_bytes())
+    );
+    let signature = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", base64url(&signature))
+}
+
+#[test]
+fn base64url_matches_the_rfc_4648_vectors() {
+    let cases = [
+        ("", ""),
+        ("f", "Zg"),
+        ("fo", "Zm8"),
+        ("foo", "Zm9v"),
+        ("foob", "Zm9vYg"),
+        ("fooba", "Zm9vYmE"),
+        ("foobar", "Zm9vYmFy"),
+    ];
+    for (plain, encoded) in cases {
+        assert_eq!(base64url(plain.as_bytes()), encoded);
+    }
+    assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
+}
+
+/// Decentralised (operator mode) authentication: an operator, an account with JetStream, and a
+/// user whose JWT and seed are in a `.creds` file, which is all the host is given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_file_authentication() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    // JetStream in operator mode needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        serde_json::json!({ "type": "operator", "version": 2 }),
+    );
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        serde_json::json!({
+            "type": "account",
+            "version": 2,
+            "limits": {
+                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                "wildcards": true, "conn": -1, "leaf": -1,
+                "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+            },
+        }),
+    );
+    let system_jwt = nats_jwt(
+        &operator,
+        &system.public_key(),
+        serde_json::json!({
+            "type": "account",
+            "version": 2,
+            "limits": {
+                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                "wildcards": true, "conn": -1, "leaf": -1,
+            },
+        }),
+    );
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        serde_json::json!({ "type": "user", "version": 2, "subs": -1, "data": -1, "payload": -1 }),
+    );
+    let server = NatsServer::start_with(ServerOptions {
+        extra_config: format!(
+            "operator: \"{operator_jwt}\"\nsystem_account: {sys}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {acc}: \"{account_jwt}\"\n  {sys}: \"{system_jwt}\"\n}}\n",
+            acc = account.public_key(),
+            sys = system.public_key(),
+        ),
+    })
+    .unwrap();
+
+    // Without credentials the server refuses the connection: the test is not passing by accident.
+    assert!(
+        async_nats::connect(server.url()).await.is_err(),
+        "an anonymous client must not get in"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("user.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+    round_trip(
+        &host_config(&format!("[nats]\ncredentials = \"{}\"\n", creds.display())),
         &server.url(),
     )
     .await;
