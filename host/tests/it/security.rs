@@ -242,6 +242,24 @@ fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, nats: serde_json::Value) -> 
     format!("{signed}.{}", base64url(&signature))
 }
 
+/// An account JWT without limits, signed by `operator`; `jetstream` adds unlimited storage.
+fn sign_account(operator: &nkeys::KeyPair, account: &nkeys::KeyPair, jetstream: bool) -> String {
+    let mut limits = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+    });
+    if jetstream {
+        for field in ["mem_storage", "disk_storage", "streams", "consumer"] {
+            limits[field] = serde_json::json!(-1);
+        }
+    }
+    nats_jwt(
+        operator,
+        &account.public_key(),
+        serde_json::json!({ "type": "account", "version": 2, "limits": limits }),
+    )
+}
+
 #[test]
 fn base64url_matches_the_rfc_4648_vectors() {
     let cases = [
@@ -273,31 +291,8 @@ async fn credentials_file_authentication() {
         &operator.public_key(),
         serde_json::json!({ "type": "operator", "version": 2 }),
     );
-    let account_jwt = nats_jwt(
-        &operator,
-        &account.public_key(),
-        serde_json::json!({
-            "type": "account",
-            "version": 2,
-            "limits": {
-                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
-                "wildcards": true, "conn": -1, "leaf": -1,
-                "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
-            },
-        }),
-    );
-    let system_jwt = nats_jwt(
-        &operator,
-        &system.public_key(),
-        serde_json::json!({
-            "type": "account",
-            "version": 2,
-            "limits": {
-                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
-                "wildcards": true, "conn": -1, "leaf": -1,
-            },
-        }),
-    );
+    let account_jwt = sign_account(&operator, &account, true);
+    let system_jwt = sign_account(&operator, &system, false);
     let user_jwt = nats_jwt(
         &account,
         &user.public_key(),
