@@ -103,6 +103,23 @@ async fn next_message(messages: &mut pull::Stream, got: u64) -> anyhow::Result<j
     }
 }
 
+/// Awaits `n` settled messages from `work`, recording each one's latency; fails when none
+/// settles for [`STALL`].
+async fn settle(
+    work: &mut (impl futures::Stream<Item = anyhow::Result<Duration>> + Unpin),
+    n: u64,
+    latency: &Histogram,
+) -> anyhow::Result<()> {
+    for done in 0..n {
+        match tokio::time::timeout(STALL, work.next()).await {
+            Err(_) => bail!("no message settled for {STALL:?} after {done} messages"),
+            Ok(None) => bail!("the pull stream ended after {done} messages"),
+            Ok(Some(result)) => latency.record(result?),
+        }
+    }
+    Ok(())
+}
+
 /// Drains `n` messages from `stream`: no work, plain ack.
 pub async fn plain(client: async_nats::Client, stream: &str, n: u64) -> anyhow::Result<Drained> {
     let js = jetstream::new(client);
@@ -156,15 +173,7 @@ pub async fn enrich(
             }
         })
         .buffer_unordered(in_flight);
-    let mut done = 0u64;
-    while done < n {
-        match tokio::time::timeout(STALL, work.next()).await {
-            Err(_) => bail!("no message settled for {STALL:?} after {done} messages"),
-            Ok(None) => bail!("the pull stream ended after {done} messages"),
-            Ok(Some(result)) => latency.record(result?),
-        }
-        done += 1;
-    }
+    settle(&mut work, n, &latency).await?;
     Ok(Drained {
         elapsed: started.elapsed(),
         latency,
@@ -197,15 +206,7 @@ pub async fn io(
             since_published(&message)
         })
         .buffer_unordered(in_flight);
-    let mut done = 0u64;
-    while done < n {
-        match tokio::time::timeout(STALL, work.next()).await {
-            Err(_) => bail!("no message settled for {STALL:?} after {done} messages"),
-            Ok(None) => bail!("the pull stream ended after {done} messages"),
-            Ok(Some(result)) => latency.record(result?),
-        }
-        done += 1;
-    }
+    settle(&mut work, n, &latency).await?;
     Ok(Drained {
         elapsed: started.elapsed(),
         latency,
