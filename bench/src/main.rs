@@ -12,8 +12,11 @@
 //! cargo run --release -p mailroom-bench -- --suite all
 //! ```
 
+mod bursts;
+mod hosts;
 mod inprocess;
 mod native;
+mod peers;
 mod report;
 mod runner;
 mod scenarios;
@@ -39,7 +42,10 @@ use crate::scenarios::{Runner, Scenario, Sizes, Suite};
 #[command(name = "mailroom-bench", version)]
 struct Args {
     /// Which suite: `compare` (Mailroom against native consumers), `ordering` (ordered against
-    /// unordered, by number of distinct subjects) or `all`. Default: compare.
+    /// unordered, by number of distinct subjects), `partitions` (an I/O-bound partitioned
+    /// handler, 16 partitions and 1,000 subjects, 4 workers per host, on 1, 2 and 3 hosts in
+    /// this process), `all` (those three), or `peers` (Mailroom against wasmCloud's `wash dev`,
+    /// installed with pip into target/; not part of `all`). Default: compare.
     #[arg(long, value_enum, default_value_t = SuiteArg::Compare, hide_default_value = true)]
     suite: SuiteArg,
 
@@ -53,9 +59,11 @@ struct Args {
     #[arg(long)]
     quick: bool,
 
-    /// N, the messages of each compare scenario (mailroom-io drains N/4). Default: 200,000,
-    /// or 20,000 with --quick. The ordering suite has fixed sizes: 50,000 for noop, 10,000 for
-    /// io and 2,000 for io with a single subject.
+    /// N, the messages of each compare or peers scenario (mailroom-io drains N/4). Default:
+    /// 200,000 for compare, 100,000 for peers, or 20,000 with --quick. The ordering suite has
+    /// fixed sizes: 50,000 for noop, 10,000 for io and 2,000 for io with a single subject. The
+    /// bursts scenario publishes 2 bursts of 50,000 (10,000 with --quick); mailroom-noop-auto
+    /// drains at least 100,000 and mailroom-enrich-auto at least 25,000.
     #[arg(long, value_name = "N")]
     messages: Option<u64>,
 
@@ -95,6 +103,8 @@ enum SuiteArg {
     Compare,
     Ordering,
     All,
+    Peers,
+    Partitions,
 }
 
 impl SuiteArg {
@@ -103,6 +113,8 @@ impl SuiteArg {
             SuiteArg::Compare => "compare",
             SuiteArg::Ordering => "ordering",
             SuiteArg::All => "all",
+            SuiteArg::Peers => "peers",
+            SuiteArg::Partitions => "partitions",
         }
     }
 }
@@ -150,6 +162,27 @@ fn size_lines(scenarios: &[Scenario], sizes: &Sizes) -> Vec<String> {
             sizes.messages, sizes.workers, sizes.io_workers
         ));
     }
+    if let Some(s) = scenarios.iter().find(|s| s.suite == Suite::Partitions) {
+        lines.push(format!(
+            "partitions: N = {}, K = {} subjects, \"sleep:1\", {} partitions, {} workers per \
+             host; hosts in this process, timed once the partitions are spread; the messages \
+             are published while the hosts drain",
+            s.messages,
+            s.subjects,
+            scenarios::PARTITIONS,
+            scenarios::HOST_WORKERS
+        ));
+    }
+    if scenarios.iter().any(|s| s.suite == Suite::Peers) {
+        lines.push(format!(
+            "peers: N = {}, K = 100 subjects, 128 B, at most {} messages in flight on both \
+             hosts; Mailroom {} fixed workers; wasmCloud poolSize {} when pooled",
+            sizes.peer_messages,
+            scenarios::PEER_IN_FLIGHT,
+            sizes.workers,
+            peers::POOL_SIZE
+        ));
+    }
     let ordering: Vec<&Scenario> = scenarios
         .iter()
         .filter(|s| s.suite == Suite::Ordering)
@@ -174,6 +207,24 @@ fn size_lines(scenarios: &[Scenario], sizes: &Sizes) -> Vec<String> {
     lines
 }
 
+/// Round `round` (1-based) of every scenario that succeeded in it.
+fn round_of<'a>(
+    scenarios: &'a [Scenario],
+    results: &'a [Vec<Result<Measurement, String>>],
+    round: usize,
+) -> report::checks::Round<'a> {
+    report::checks::Round {
+        measurements: scenarios
+            .iter()
+            .zip(results)
+            .filter_map(|(s, r)| match r.get(round - 1) {
+                Some(Ok(m)) => Some((s.name.as_str(), m)),
+                _ => None,
+            })
+            .collect(),
+    }
+}
+
 fn workspace() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().unwrap_or(manifest).to_path_buf()
@@ -191,7 +242,7 @@ fn guests(scenarios: &[Scenario]) -> anyhow::Result<PathBuf> {
     let dir = target_dir().join("wasm32-wasip2").join("release");
     let mut missing: Vec<String> = Vec::new();
     for s in scenarios {
-        if let Runner::Mailroom(spec) = &s.runner {
+        if let Runner::Mailroom(spec) | Runner::MailroomBursts { spec, .. } = &s.runner {
             let path = dir.join(format!("{}.wasm", spec.guest));
             let shown = path.display().to_string();
             if !path.exists() && !missing.contains(&shown) {
@@ -220,6 +271,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         workers: args.workers.max(1),
         io_workers: args.io_workers.max(1),
         quick: args.quick,
+        peer_messages: args
+            .messages
+            .unwrap_or(if args.quick { 20_000 } else { 100_000 })
+            .max(1),
     };
     let mut scenarios = Vec::new();
     if matches!(args.suite, SuiteArg::Compare | SuiteArg::All) {
@@ -227,6 +282,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     if matches!(args.suite, SuiteArg::Ordering | SuiteArg::All) {
         scenarios.extend(scenarios::ordering(&sizes));
+    }
+    if args.suite == SuiteArg::Peers {
+        scenarios.extend(scenarios::peers(&sizes));
+    }
+    if matches!(args.suite, SuiteArg::Partitions | SuiteArg::All) {
+        scenarios.extend(scenarios::partitions(&sizes));
     }
     if !args.only.is_empty() {
         for name in &args.only {
@@ -242,6 +303,27 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         scenarios.retain(|s| args.only.contains(&s.name));
     }
     let guest_dir = guests(&scenarios)?;
+    let wash = if scenarios
+        .iter()
+        .any(|s| matches!(s.runner, Runner::Wasmcloud { .. }))
+    {
+        let wash = peers::prepare(&target_dir(), &workspace()).context(
+            "the peers suite cannot run wasmCloud here (it needs python3 with venv, PyPI, and \
+             cargo with the wasm32-wasip2 target)",
+        )?;
+        eprintln!(
+            "peers: {}{}",
+            wash.version,
+            if wash.backtrace_was_set {
+                "; RUST_BACKTRACE is set here and is removed for wash (it makes wash ~100x slower)"
+            } else {
+                "; run with RUST_BACKTRACE unset (it makes wash ~100x slower)"
+            }
+        );
+        Some(wash)
+    } else {
+        None
+    };
 
     let (_server, url, server_label) = match &args.nats_url {
         Some(url) => (None, url.clone(), url.clone()),
@@ -273,6 +355,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         guest_dir,
         target_dir().join("mailroom-bench-cache"),
         workspace(),
+        wash,
     );
 
     let mut results: Vec<Vec<Result<Measurement, String>>> = vec![Vec::new(); scenarios.len()];
@@ -300,11 +383,28 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             }
             results[i].push(outcome.map_err(|e| format!("{e:#}")));
         }
+        for line in report::checks::round_lines(
+            &scenarios,
+            &round_of(&scenarios, &results, round),
+            machine.cores,
+        ) {
+            eprintln!("[round {round}/{rounds}] {line}");
+        }
     }
+    let all_rounds: Vec<report::checks::Round> = (1..=rounds)
+        .map(|round| round_of(&scenarios, &results, round))
+        .collect();
+    let checks = report::checks::evaluate(&scenarios, &all_rounds, machine.cores);
+    drop(all_rounds);
 
     let reports = report::build(&scenarios, results);
     let ok = reports.iter().all(|r| r.errors.is_empty());
-    let compare_ran = scenarios.iter().any(|s| s.suite == Suite::Compare);
+    let mut ratios = Vec::new();
+    for suite in [Suite::Compare, Suite::Peers, Suite::Partitions] {
+        if scenarios.iter().any(|s| s.suite == suite) {
+            ratios.extend(report::ratio_lines(suite, &reports));
+        }
+    }
     let report = Report {
         machine,
         settings: Settings {
@@ -318,11 +418,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         },
         total_seconds: began.elapsed().as_secs_f64(),
         ordering: report::ordering_rows(&scenarios, &reports),
-        ratios: if compare_ran {
-            report::ratio_lines(&reports)
-        } else {
-            Vec::new()
-        },
+        ratios,
+        checks,
         scenarios: reports,
     };
     let out = args

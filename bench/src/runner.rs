@@ -9,9 +9,10 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, stream};
 use mailroom::Config;
 
+use crate::peers::Wash;
 use crate::report::Measurement;
-use crate::scenarios::{MailroomSpec, Payload, Runner, Scenario, Workers};
-use crate::{inprocess, native};
+use crate::scenarios::{self, MailroomSpec, Payload, Runner, Scenario, Workers};
+use crate::{bursts, inprocess, native, peers};
 
 /// Shared state of a benchmark run.
 pub struct Bench {
@@ -21,6 +22,8 @@ pub struct Bench {
     cache_dir: PathBuf,
     base_dir: PathBuf,
     next_id: AtomicU32,
+    /// The peers suite's wash, when that suite runs.
+    wash: Option<Wash>,
 }
 
 /// The names one run uses.
@@ -43,6 +46,7 @@ impl Bench {
         guests: PathBuf,
         cache_dir: PathBuf,
         base_dir: PathBuf,
+        wash: Option<Wash>,
     ) -> Bench {
         Bench {
             url,
@@ -51,6 +55,7 @@ impl Bench {
             cache_dir,
             base_dir,
             next_id: AtomicU32::new(0),
+            wash,
         }
     }
 
@@ -73,11 +78,13 @@ impl Bench {
                 self.fresh_stream(&names.output_stream, &format!("{}out.>", names.prefix))
                     .await?;
             }
-            self.measure(scenario, &names, enrich).await
+            self.measure(scenario, &names, enrich, id).await
         }
         .await;
-        // Whatever happened, leave nothing behind on the server.
-        for name in [&names.stream, &names.output_stream] {
+        // Whatever happened, leave nothing behind on the server (a partitioned handler's
+        // work stream too).
+        let work = format!("MR_{}_P{}", scenario.name, scenarios::PARTITIONS);
+        for name in [&names.stream, &names.output_stream, &work] {
             let _ = self.js.delete_stream(name).await;
         }
         result
@@ -88,8 +95,16 @@ impl Bench {
         scenario: &Scenario,
         names: &Names,
         enrich: bool,
+        id: u32,
     ) -> anyhow::Result<Measurement> {
-        let preload = self.preload(scenario, &names.prefix).await?;
+        // The bursts scenario publishes while the host runs; every other one drains a preload.
+        let preload = match scenario.runner {
+            Runner::MailroomBursts { .. } | Runner::MailroomHosts { .. } => Duration::ZERO,
+            _ => {
+                self.publish(scenario, &names.prefix, 0..scenario.messages)
+                    .await?
+            }
+        };
         let client = async_nats::connect(&self.url)
             .await
             .with_context(|| format!("connecting to {}", self.url))?;
@@ -113,6 +128,65 @@ impl Bench {
             .await?
             .measurement(n),
             Runner::Mailroom(spec) => self.mailroom(scenario, spec, names, client.clone()).await?,
+            Runner::MailroomBursts { spec, bursts, size } => {
+                let config = self.config(scenario, spec, names)?;
+                let Workers::Auto { min, max } = spec.workers else {
+                    anyhow::bail!(
+                        "{}: a bursts scenario needs an autoscaled pool",
+                        scenario.name
+                    );
+                };
+                bursts::run(
+                    client.clone(),
+                    config,
+                    &scenario.name,
+                    (min, max),
+                    *bursts,
+                    *size,
+                    |burst| {
+                        let (from, size) = (burst as u64 * size, *size);
+                        async move {
+                            self.publish(scenario, &names.prefix, from..from + size)
+                                .await
+                                .map(drop)
+                        }
+                    },
+                )
+                .await?
+            }
+            Runner::MailroomHosts { spec, hosts } => {
+                let config = self.config(scenario, spec, names)?;
+                let partitions = spec.partitions.ok_or_else(|| {
+                    anyhow::anyhow!("{}: a hosts scenario needs partitions", scenario.name)
+                })?;
+                crate::hosts::run(
+                    &self.url,
+                    config,
+                    &scenario.name,
+                    *hosts,
+                    partitions,
+                    n,
+                    async { self.publish(scenario, &names.prefix, 0..n).await.map(drop) },
+                )
+                .await?
+            }
+            Runner::Wasmcloud { pooled, in_flight } => {
+                let wash = self.wash.as_ref().ok_or_else(|| {
+                    anyhow::anyhow!("{}: wash was not prepared for this run", scenario.name)
+                })?;
+                peers::drain(
+                    wash,
+                    &self.js,
+                    &self.url,
+                    id,
+                    &names.stream,
+                    &names.prefix,
+                    n,
+                    *pooled,
+                    *in_flight,
+                )
+                .await?
+            }
         };
         m.preload_s = preload.as_secs_f64();
         if enrich {
@@ -147,15 +221,21 @@ impl Bench {
         Ok(())
     }
 
-    /// Publishes the scenario's messages through JetStream, awaiting acks in windows of 512.
-    async fn preload(&self, scenario: &Scenario, prefix: &str) -> anyhow::Result<Duration> {
+    /// Publishes messages `range` of the scenario through JetStream, awaiting acks in windows
+    /// of 512.
+    async fn publish(
+        &self,
+        scenario: &Scenario,
+        prefix: &str,
+        range: std::ops::Range<u64>,
+    ) -> anyhow::Result<Duration> {
         let started = Instant::now();
         let mut window = Vec::with_capacity(512);
         let fixed = match scenario.payload {
             Payload::Orders => None,
             other => Some(other.message(0)),
         };
-        for i in 0..scenario.messages {
+        for i in range {
             let subject = format!("{prefix}.k{}", i % scenario.subjects.max(1));
             let payload = fixed.clone().unwrap_or_else(|| scenario.payload.message(i));
             let ack = self
@@ -176,13 +256,13 @@ impl Bench {
         Ok(started.elapsed())
     }
 
-    async fn mailroom(
+    /// The host configuration of a Mailroom scenario.
+    fn config(
         &self,
         scenario: &Scenario,
         spec: &MailroomSpec,
         names: &Names,
-        client: async_nats::Client,
-    ) -> anyhow::Result<Measurement> {
+    ) -> anyhow::Result<Config> {
         let module = self.guests.join(format!("{}.wasm", spec.guest));
         let text = inprocess::config_text(&scenario.name, &module, spec, names);
         let mut config = Config::parse(&text, &self.base_dir).with_context(|| {
@@ -192,6 +272,17 @@ impl Bench {
             )
         })?;
         config.host.cache_dir = Some(self.cache_dir.clone());
+        Ok(config)
+    }
+
+    async fn mailroom(
+        &self,
+        scenario: &Scenario,
+        spec: &MailroomSpec,
+        names: &Names,
+        client: async_nats::Client,
+    ) -> anyhow::Result<Measurement> {
+        let config = self.config(scenario, spec, names)?;
         let max_workers = match spec.workers {
             Workers::Auto { max, .. } => Some(max),
             Workers::Fixed(_) => None,

@@ -1,4 +1,4 @@
-//! The scenarios of both suites: who drains the stream, with what payload, how many messages
+//! The scenarios of the suites: who drains the stream, with what payload, how many messages
 //! over how many subjects, and what each is compared with. [`crate::runner`] runs them.
 
 use bytes::Bytes;
@@ -11,6 +11,10 @@ pub enum Suite {
     Compare,
     /// Ordered against unordered.
     Ordering,
+    /// Mailroom against another WebAssembly host (wasmCloud), side by side.
+    Peers,
+    /// One partitioned handler on 1, 2 and 3 hosts.
+    Partitions,
 }
 
 /// What each message carries.
@@ -76,6 +80,28 @@ pub struct MailroomSpec {
     pub reuse: bool,
     /// Grant publishing to, and configure, the output subject.
     pub enrich: bool,
+    /// `max_buffered` (and so `prefetch`): messages the host holds at once. `None`: default.
+    pub in_flight: Option<usize>,
+    /// `scale_cooldown`. `None`: default.
+    pub scale_cooldown: Option<&'static str>,
+    /// `partitions` (ordered by subject). `None`: not partitioned.
+    pub partitions: Option<u32>,
+}
+
+impl MailroomSpec {
+    /// A handler with the defaults: unordered, fresh instances, default buffers.
+    pub fn new(guest: &'static str, workers: Workers) -> MailroomSpec {
+        MailroomSpec {
+            guest,
+            ordered: false,
+            workers,
+            reuse: false,
+            enrich: false,
+            in_flight: None,
+            scale_cooldown: None,
+            partitions: None,
+        }
+    }
 }
 
 /// Who drains the stream.
@@ -96,6 +122,31 @@ pub enum Runner {
     },
     /// Mailroom in-process.
     Mailroom(MailroomSpec),
+    /// Mailroom in-process, started on an empty stream; then `bursts` times: idle until the
+    /// pool is at `min_workers`, `size` messages published at once, drained.
+    MailroomBursts {
+        /// The handler.
+        spec: MailroomSpec,
+        /// How many backlogs.
+        bursts: usize,
+        /// Messages per backlog.
+        size: u64,
+    },
+    /// Mailroom on this many hosts in-process, started on an empty stream and timed once the
+    /// partitions are spread (`spec.partitions` must be set).
+    MailroomHosts {
+        /// The handler.
+        spec: MailroomSpec,
+        /// How many hosts.
+        hosts: usize,
+    },
+    /// wasmCloud's `wash dev` with its `wasmcloud:nats` plugin and `wasmcloud-noop.wasm`.
+    Wasmcloud {
+        /// `dev.components[].poolSize` warm instances instead of a fresh one per message.
+        pooled: bool,
+        /// The push consumer's `max-ack-pending`: messages delivered and not yet acked.
+        in_flight: usize,
+    },
 }
 
 /// What a scenario's throughput is compared with.
@@ -155,8 +206,10 @@ pub struct Sizes {
     pub workers: usize,
     /// `max_workers` of `mailroom-io`.
     pub io_workers: usize,
-    /// Ordering suite sizes are divided by 5.
+    /// Ordering suite sizes are divided by 5; smaller bursts.
     pub quick: bool,
+    /// N for the peers suite.
+    pub peer_messages: u64,
 }
 
 /// Concurrency of both enrich scenarios.
@@ -165,6 +218,12 @@ const ENRICH_CONCURRENCY: usize = 16;
 const ORDERING_CONCURRENCY: usize = 16;
 /// The `flaky` command of the I/O scenarios: a ~1 ms host-side wait.
 const SLEEP: Payload = Payload::Text("sleep:1");
+/// Messages held at once by both hosts in the peers suite.
+pub const PEER_IN_FLIGHT: usize = 64;
+/// The cooldown of the bursts scenario: short, so that a run sees the pool go back to min.
+pub const BURST_COOLDOWN: &str = "2s";
+/// Backlogs in the bursts scenario.
+pub const BURSTS: usize = 2;
 
 /// The compare suite, in run order.
 pub fn compare(s: &Sizes) -> Vec<Scenario> {
@@ -181,13 +240,12 @@ pub fn compare(s: &Sizes) -> Vec<Scenario> {
     };
     let noop = |ordered, reuse| {
         Runner::Mailroom(MailroomSpec {
-            guest: "noop",
             ordered,
-            workers: Workers::Fixed(s.workers),
             reuse,
-            enrich: false,
+            ..MailroomSpec::new("noop", Workers::Fixed(s.workers))
         })
     };
+    let auto = |max| Workers::Auto { min: 1, max };
     let vs = |name: &str| Baseline::Scenario(name.to_owned());
     let small = Payload::Filler(128);
     let large = Payload::Filler(1024);
@@ -218,6 +276,19 @@ pub fn compare(s: &Sizes) -> Vec<Scenario> {
             1000,
             vs("mailroom-noop"),
         ),
+        // The cost of partitioning on one host: the same work, 16 partitions.
+        sc(
+            "mailroom-partitioned",
+            Runner::Mailroom(MailroomSpec {
+                ordered: true,
+                partitions: Some(PARTITIONS),
+                ..MailroomSpec::new("noop", Workers::Fixed(s.workers))
+            }),
+            small,
+            n,
+            1000,
+            vs("mailroom-noop-ordered"),
+        ),
         sc(
             "native-enrich",
             Runner::NativeEnrich {
@@ -231,11 +302,8 @@ pub fn compare(s: &Sizes) -> Vec<Scenario> {
         sc(
             "mailroom-enrich",
             Runner::Mailroom(MailroomSpec {
-                guest: "enrich",
-                ordered: false,
-                workers: Workers::Fixed(ENRICH_CONCURRENCY),
-                reuse: false,
                 enrich: true,
+                ..MailroomSpec::new("enrich", Workers::Fixed(ENRICH_CONCURRENCY))
             }),
             Payload::Orders,
             n,
@@ -254,16 +322,7 @@ pub fn compare(s: &Sizes) -> Vec<Scenario> {
         ),
         sc(
             "mailroom-io",
-            Runner::Mailroom(MailroomSpec {
-                guest: "flaky",
-                ordered: false,
-                workers: Workers::Auto {
-                    min: 1,
-                    max: s.io_workers,
-                },
-                reuse: false,
-                enrich: false,
-            }),
+            Runner::Mailroom(MailroomSpec::new("flaky", auto(s.io_workers))),
             SLEEP,
             (n / 4).max(1),
             100,
@@ -271,6 +330,42 @@ pub fn compare(s: &Sizes) -> Vec<Scenario> {
                 msgs_per_s: s.io_workers as f64 * 1000.0,
                 label: format!("ideal {}×1000/s", s.io_workers),
             },
+        ),
+        // The same backlog in bursts: time to max and back to min, per burst.
+        sc(
+            "mailroom-io-bursts",
+            Runner::MailroomBursts {
+                spec: MailroomSpec {
+                    scale_cooldown: Some(BURST_COOLDOWN),
+                    ..MailroomSpec::new("flaky", auto(s.io_workers))
+                },
+                bursts: BURSTS,
+                size: burst_size(s),
+            },
+            SLEEP,
+            BURSTS as u64 * burst_size(s),
+            100,
+            Baseline::None,
+        ),
+        // CPU-bound handlers, autoscaled: the pool must stop growing near the core count.
+        sc(
+            "mailroom-noop-auto",
+            Runner::Mailroom(MailroomSpec::new("noop", auto(16))),
+            small,
+            n.max(AUTO_MIN_MESSAGES),
+            100,
+            vs("mailroom-noop"),
+        ),
+        sc(
+            "mailroom-enrich-auto",
+            Runner::Mailroom(MailroomSpec {
+                enrich: true,
+                ..MailroomSpec::new("enrich", auto(16))
+            }),
+            Payload::Orders,
+            (n / 4).max(AUTO_MIN_MESSAGES / 4),
+            100,
+            vs("mailroom-enrich"),
         ),
         sc(
             "mailroom-reuse",
@@ -313,11 +408,11 @@ pub fn ordering(s: &Sizes) -> Vec<Scenario> {
                     name: format!("ordering-{handler}-k{keys}-{mode}"),
                     suite: Suite::Ordering,
                     runner: Runner::Mailroom(MailroomSpec {
-                        guest: if handler == "noop" { "noop" } else { "flaky" },
                         ordered,
-                        workers: Workers::Fixed(ORDERING_CONCURRENCY),
-                        reuse: false,
-                        enrich: false,
+                        ..MailroomSpec::new(
+                            if handler == "noop" { "noop" } else { "flaky" },
+                            Workers::Fixed(ORDERING_CONCURRENCY),
+                        )
                     }),
                     payload: if handler == "noop" {
                         Payload::Filler(128)
@@ -343,6 +438,84 @@ pub fn ordering(s: &Sizes) -> Vec<Scenario> {
     out
 }
 
+/// Partitions of the partitioned scenarios.
+pub const PARTITIONS: u32 = 16;
+/// Workers per host of the partitions suite: few, so that one host is bound by its pool.
+pub const HOST_WORKERS: usize = 4;
+
+/// The partitions suite: an I/O-bound partitioned handler on 1, 2 and 3 hosts.
+pub fn partitions(s: &Sizes) -> Vec<Scenario> {
+    let messages = if s.quick { 6_000 } else { 20_000 };
+    (1..=3)
+        .map(|hosts| Scenario {
+            name: format!("mailroom-io-partitioned-h{hosts}"),
+            suite: Suite::Partitions,
+            runner: Runner::MailroomHosts {
+                spec: MailroomSpec {
+                    ordered: true,
+                    partitions: Some(PARTITIONS),
+                    ..MailroomSpec::new("flaky", Workers::Fixed(HOST_WORKERS))
+                },
+                hosts,
+            },
+            payload: SLEEP,
+            messages,
+            subjects: 1000,
+            baseline: if hosts == 1 {
+                Baseline::None
+            } else {
+                Baseline::Scenario("mailroom-io-partitioned-h1".to_owned())
+            },
+            cell: None,
+        })
+        .collect()
+}
+
+/// Messages per burst: 50,000, or 10,000 with `--quick`.
+fn burst_size(s: &Sizes) -> u64 {
+    if s.quick {
+        10_000
+    } else {
+        50_000
+    }
+}
+
+/// The autoscaled CPU-bound scenarios drain at least this many (noop; enrich a quarter), so
+/// that even a quick run lasts long enough for the pool to settle.
+const AUTO_MIN_MESSAGES: u64 = 100_000;
+
+/// The peers suite: Mailroom and wasmCloud on the same no-op work, fresh and warm, in turn.
+pub fn peers(s: &Sizes) -> Vec<Scenario> {
+    let n = s.peer_messages;
+    let sc = |name: &str, runner, baseline: Option<&str>| Scenario {
+        name: name.to_owned(),
+        suite: Suite::Peers,
+        runner,
+        payload: Payload::Filler(128),
+        messages: n,
+        subjects: 100,
+        baseline: baseline.map_or(Baseline::None, |b| Baseline::Scenario(b.to_owned())),
+        cell: None,
+    };
+    let mailroom = |reuse| {
+        Runner::Mailroom(MailroomSpec {
+            reuse,
+            in_flight: Some(PEER_IN_FLIGHT),
+            ..MailroomSpec::new("noop", Workers::Fixed(s.workers))
+        })
+    };
+    let wasmcloud = |pooled| Runner::Wasmcloud {
+        pooled,
+        in_flight: PEER_IN_FLIGHT,
+    };
+    vec![
+        sc("mailroom-noop", mailroom(false), Some("wasmcloud-noop")),
+        sc("wasmcloud-noop", wasmcloud(false), None),
+        sc("mailroom-reuse", mailroom(true), Some("wasmcloud-pooled")),
+        sc("wasmcloud-pooled", wasmcloud(true), None),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,6 +526,7 @@ mod tests {
             workers: 4,
             io_workers: 16,
             quick: false,
+            peer_messages: 1000,
         }
     }
 
@@ -364,8 +538,16 @@ mod tests {
             output_stream: "B1OUT".into(),
             output_subject: "b1out.orders".into(),
         };
-        for s in compare(&sizes()).iter().chain(ordering(&sizes()).iter()) {
-            if let Runner::Mailroom(spec) = &s.runner {
+        for s in compare(&sizes())
+            .iter()
+            .chain(ordering(&sizes()).iter())
+            .chain(peers(&sizes()).iter())
+            .chain(partitions(&sizes()).iter())
+        {
+            if let Runner::Mailroom(spec)
+            | Runner::MailroomBursts { spec, .. }
+            | Runner::MailroomHosts { spec, .. } = &s.runner
+            {
                 let text = crate::inprocess::config_text(
                     &s.name,
                     std::path::Path::new("/x/\"q\".wasm"),
@@ -380,13 +562,17 @@ mod tests {
 
     #[test]
     fn baselines_exist() {
-        let all: Vec<Scenario> = compare(&sizes())
-            .into_iter()
-            .chain(ordering(&sizes()))
-            .collect();
-        for s in &all {
-            if let Baseline::Scenario(b) = &s.baseline {
-                assert!(all.iter().any(|o| &o.name == b), "{} -> {b}", s.name);
+        // Each suite runs on its own: its baselines are its own scenarios.
+        for all in [
+            compare(&sizes()),
+            ordering(&sizes()),
+            peers(&sizes()),
+            partitions(&sizes()),
+        ] {
+            for s in &all {
+                if let Baseline::Scenario(b) = &s.baseline {
+                    assert!(all.iter().any(|o| &o.name == b), "{} -> {b}", s.name);
+                }
             }
         }
         assert_eq!(ordering(&sizes()).len(), 16);

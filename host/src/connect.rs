@@ -2,37 +2,58 @@
 //!
 //! Secrets (token, password, seeds) are passed to the client and never logged.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_nats::{Client, ConnectOptions, Event};
+use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event};
 
-use crate::config::NatsConfig;
+use crate::config::{server_addrs, NatsConfig};
 
-/// How long the first connection is retried before giving up.
-const INITIAL_ATTEMPTS: u32 = 10;
-
-/// Connects to `nats.url`, retrying the first connection for a few seconds (the server may be
-/// starting too), then reconnecting forever in the background.
+/// Connects to the servers of `nats.url`. A server that is not up yet is tried again every
+/// half second for `nats.connect_timeout` (`None`: forever); an error that trying again
+/// cannot fix (a bad URL, a missing or bad credentials or CA file, refused authentication or
+/// TLS) fails at once. Once connected, the client reconnects forever in the background.
 pub async fn connect(nats: &NatsConfig) -> anyhow::Result<Client> {
+    let addrs = server_addrs(&nats.url)?;
+    let give_up = nats.connect_timeout.map(|t| Instant::now() + t);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match options(nats).await?.connect(nats.url.as_str()).await {
+        let options = options(nats).await?;
+        match options.connect(addrs.clone()).await {
             Ok(client) => {
                 tracing::info!(url = %nats.url, "connected to NATS");
                 return Ok(client);
             }
-            Err(err) if attempt < INITIAL_ATTEMPTS => {
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    ConnectErrorKind::ServerParse
+                        | ConnectErrorKind::Authentication
+                        | ConnectErrorKind::AuthorizationViolation
+                        | ConnectErrorKind::Tls
+                ) =>
+            {
+                return Err(err).with_context(|| {
+                    format!(
+                        "cannot connect to NATS at {}: the server refused the connection's \
+                         credentials or TLS settings; check [nats] in the config",
+                        nats.url
+                    )
+                })
+            }
+            Err(err) if give_up.is_none_or(|t| Instant::now() < t) => {
                 tracing::warn!(url = %nats.url, attempt, "cannot connect to NATS yet: {err}");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(err) => {
                 return Err(err).with_context(|| {
                     format!(
-                        "cannot connect to NATS at {} after {attempt} attempts; is nats-server \
-                         running there, and are the credentials and TLS settings right?",
-                        nats.url
+                        "cannot connect to NATS at {} within {} ({attempt} attempts); is \
+                         nats-server running there? (nats.connect_timeout or \
+                         --connect-timeout waits longer; 0 waits forever)",
+                        nats.url,
+                        humantime::format_duration(nats.connect_timeout.unwrap_or_default())
                     )
                 })
             }

@@ -2,7 +2,8 @@
 //!
 //! Starts a local `nats-server` (unless given a URL), runs the host in-process with the demo
 //! configuration, runs the `producer` example, sends the `flaky` handler one message per
-//! failure path, waits until every message is settled, and reports what happened.
+//! failure path, waits until every message is settled, and reports what happened. It says
+//! what it does as it goes (`progress`, first the header) and ends with the table.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -31,6 +32,10 @@ pub struct DevOptions {
     pub subjects: u64,
     /// The producer binary (default: next to the running executable).
     pub producer: Option<PathBuf>,
+    /// Where the host's log goes, when not to the terminal (named in the header).
+    pub log_file: Option<PathBuf>,
+    /// After the demo, keep running and reload modules whose files change, until a signal.
+    pub watch: bool,
 }
 
 /// The payloads sent to `flaky`, one per failure path, and what each should end as.
@@ -67,10 +72,6 @@ pub struct DeadLetter {
 /// What the demo saw.
 #[derive(Debug, Clone)]
 pub struct DevReport {
-    /// The server used.
-    pub server: String,
-    /// What the producer printed.
-    pub producer_output: String,
     /// Counters per handler.
     pub handlers: Vec<(String, MetricsSnapshot)>,
     /// Per stream: name and message count.
@@ -94,8 +95,11 @@ impl DevReport {
     }
 }
 
-/// Runs the demo.
-pub async fn run(opts: DevOptions) -> anyhow::Result<DevReport> {
+/// Runs the demo, telling `progress` what it does (one line per call, the header first).
+pub async fn run(
+    opts: DevOptions,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> anyhow::Result<DevReport> {
     let config = Config::load(&opts.config)?;
     for handler in &config.handlers {
         if !handler.module.exists() {
@@ -132,11 +136,27 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<DevReport> {
             (Some(s), url, text)
         }
     };
+    progress(&format!("Mailroom demo on {server}"));
+    progress(&match &opts.log_file {
+        Some(path) => format!("host log (info): {}", path.display()),
+        None => "host log: warnings and errors only, here (--log info for more, --log-file FILE to keep it)".to_owned(),
+    });
+    if config.handlers.iter().any(|h| h.name == "flaky") {
+        progress(
+            "note: the flaky handler fails on purpose (retries, panics, a timeout, an \
+             out-of-memory); the warnings and panic messages in its log are expected",
+        );
+    }
+    progress("");
     let client = async_nats::connect(&url)
         .await
         .with_context(|| format!("connecting to {url}"))?;
     let shutdown = CancellationToken::new();
     let host = crate::host::start(config.clone(), client.clone(), shutdown.clone()).await?;
+    if opts.watch {
+        // The reloads are logged; nobody needs their events here.
+        drop(host.reload_modules_on_change(shutdown.clone()));
+    }
     let start = Instant::now();
 
     let output = tokio::process::Command::new(&producer)
@@ -156,7 +176,10 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<DevReport> {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    let producer_output = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    progress(&format!(
+        "producer: {}",
+        String::from_utf8_lossy(&output.stdout).trim()
+    ));
 
     let js = jetstream::new(client.clone());
     let flaky = config.handlers.iter().any(|h| h.name == "flaky");
@@ -174,11 +197,35 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<DevReport> {
         }
     }
 
+    if flaky {
+        progress(&format!(
+            "sent flaky one job per failure path ({} jobs); waiting until every message is settled",
+            FLAKY_DEMO.len()
+        ));
+    }
     // Wait until every handler's consumer holds nothing: no pending, nothing awaiting an ack.
     let deadline = Instant::now() + Duration::from_secs(120);
     let unsettled = loop {
         let mut unsettled = Vec::new();
         for h in &config.handlers {
+            if let Some(n) = h.partitions {
+                // A partitioned handler's work stream is a work queue: empty means settled.
+                let work = crate::group::workstream::name(&h.name, n);
+                let left = js.get_stream(&work).await?.info().await?.state.messages;
+                // It sources the stream: everything published must have been copied too.
+                let sourced = js.get_stream(&h.stream).await?.info().await?.state.messages;
+                let copied = js
+                    .get_stream(&work)
+                    .await?
+                    .info()
+                    .await?
+                    .state
+                    .last_sequence;
+                if left > 0 || copied < sourced {
+                    unsettled.push(format!("{}: {left} left in {work}", h.name));
+                }
+                continue;
+            }
             let mut consumer: jetstream::consumer::PullConsumer =
                 js.get_consumer_from_stream(&h.consumer, &h.stream).await?;
             let info = consumer.info().await?;
@@ -205,12 +252,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<DevReport> {
     let counts = kv_entries(&js, "counts").await;
     let dead_letters = read_dead_letters(&js, "DEAD_LETTERS").await;
     let handlers = host.metrics().snapshot();
-
-    shutdown.cancel();
-    host.wait().await;
-    Ok(DevReport {
-        server,
-        producer_output,
+    let report = DevReport {
         handlers,
         streams,
         sample_output,
@@ -218,7 +260,24 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<DevReport> {
         dead_letters,
         unsettled,
         elapsed,
-    })
+    };
+    if opts.watch {
+        println!("{report}\n");
+        println!(
+            "still running on {url}: rebuild a handler (cargo build --target wasm32-wasip2 \
+             --release) and its module is reloaded; Ctrl-C stops"
+        );
+        let stop = CancellationToken::new();
+        let signals = tokio::spawn(crate::signals::watch(
+            stop.clone(),
+            config.host.drain_timeout,
+        ));
+        stop.cancelled().await;
+        signals.abort();
+    }
+    shutdown.cancel();
+    host.wait().await;
+    Ok(report)
 }
 
 async fn first_message(js: &jetstream::Context, stream: &str) -> Option<String> {
@@ -272,39 +331,8 @@ async fn read_dead_letters(js: &jetstream::Context, stream: &str) -> Vec<DeadLet
 }
 
 impl fmt::Display for DevReport {
+    /// The details, then the table: the last thing on the screen is the summary.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "Mailroom demo on {}", self.server)?;
-        writeln!(f, "producer: {}", self.producer_output)?;
-        writeln!(f)?;
-        writeln!(
-            f,
-            "{:<10} {:>9} {:>9} {:>8} {:>13} {:>10} {:>6} {:>9} {:>13}",
-            "handler",
-            "received",
-            "ok",
-            "retried",
-            "dead-lettered",
-            "published",
-            "traps",
-            "timeouts",
-            "peak workers"
-        )?;
-        for (name, m) in &self.handlers {
-            writeln!(
-                f,
-                "{:<10} {:>9} {:>9} {:>8} {:>13} {:>10} {:>6} {:>9} {:>13}",
-                name,
-                m.received,
-                m.succeeded,
-                m.retried,
-                m.dead_lettered,
-                m.published,
-                m.traps,
-                m.timeouts,
-                m.busy_peak
-            )?;
-        }
-        writeln!(f)?;
         let streams: Vec<String> = self
             .streams
             .iter()
@@ -323,7 +351,11 @@ impl fmt::Display for DevReport {
             writeln!(f, "counter's KV bucket `counts`: {}", counts.join(" "))?;
         }
         if !self.dead_letters.is_empty() {
-            writeln!(f, "dead letters ({}):", self.dead_letters.len())?;
+            writeln!(
+                f,
+                "dead letters ({}; see them with `mailroom dlq ls`):",
+                self.dead_letters.len()
+            )?;
             for d in &self.dead_letters {
                 let error: String = d.error.chars().take(100).collect();
                 writeln!(
@@ -335,18 +367,51 @@ impl fmt::Display for DevReport {
         }
         writeln!(f)?;
         if self.unsettled.is_empty() {
-            write!(
+            writeln!(
                 f,
                 "every message settled in {:.1?}: nothing pending, nothing awaiting an ack.",
                 self.elapsed
-            )
+            )?;
         } else {
-            write!(
+            writeln!(
                 f,
                 "NOT settled after {:.1?}: {}",
                 self.elapsed,
                 self.unsettled.join("; ")
-            )
+            )?;
         }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "{:<10} {:>9} {:>9} {:>8} {:>13} {:>10} {:>6} {:>9} {:>13}",
+            "handler",
+            "received",
+            "ok",
+            "retried",
+            "dead-lettered",
+            "published",
+            "traps",
+            "timeouts",
+            "peak workers"
+        )?;
+        for (i, (name, m)) in self.handlers.iter().enumerate() {
+            write!(
+                f,
+                "{:<10} {:>9} {:>9} {:>8} {:>13} {:>10} {:>6} {:>9} {:>13}",
+                name,
+                m.received,
+                m.succeeded,
+                m.retried,
+                m.dead_lettered,
+                m.published,
+                m.traps,
+                m.timeouts,
+                m.busy_peak
+            )?;
+            if i + 1 < self.handlers.len() {
+                writeln!(f)?;
+            }
+        }
+        Ok(())
     }
 }

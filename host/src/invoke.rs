@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::capabilities::{Grants, HandlerCaps, MemoryBackend, Recorded, SubjectPattern};
+use crate::capabilities::{
+    Backend as _, Expect, Grants, HandlerCaps, MemoryBackend, Recorded, SubjectPattern, Written,
+};
 use crate::config::HandlerConfig;
 use crate::runtime::{
     GuestMessage, HeaderParam, Invoked, Isolation, Limits, Outcome, Runtime, RuntimeConfig,
@@ -40,6 +42,8 @@ pub struct InvokeRequest {
     pub kv_seed: Vec<(String, String, Vec<u8>)>,
     /// Cache directory for compiled modules.
     pub cache_dir: Option<PathBuf>,
+    /// Extra runs after the first, to time the steady state (0: just the one).
+    pub repeat: u32,
 }
 
 /// What happened.
@@ -52,6 +56,10 @@ pub struct InvokeReport {
     pub calls: Vec<Recorded>,
     /// Refusals and drops counted during the call.
     pub metrics: crate::telemetry::MetricsSnapshot,
+    /// Whether the handler runs ordered in the host (retries happen in place then).
+    pub ordered: bool,
+    /// With `repeat`: the runs after the first, and their mean time per message.
+    pub steady: Option<(u32, Duration)>,
 }
 
 impl InvokeReport {
@@ -61,8 +69,24 @@ impl InvokeReport {
     }
 }
 
+/// Checks that `subject` could be the subject of a delivered message: what `--subject` takes.
+pub fn validate_message_subject(subject: &str) -> Result<(), String> {
+    crate::capabilities::subject::validate_publish_subject(subject)
+        .map_err(|err| format!("{subject:?} cannot be the subject of a message: {err}"))
+}
+
 /// Runs the request.
 pub async fn invoke(req: InvokeRequest) -> anyhow::Result<InvokeReport> {
+    validate_message_subject(&req.subject).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        req.attempt >= 1,
+        "the attempt starts at 1, not {}",
+        req.attempt
+    );
+    let ordered = req
+        .handler
+        .as_ref()
+        .is_none_or(|h| h.ordering != crate::ordering::Ordering::None);
     let (name, limits, grants, mut settings, max_publishes, log_budget) = match &req.handler {
         Some(h) => (
             h.name.clone(),
@@ -131,22 +155,49 @@ pub async fn invoke(req: InvokeRequest) -> anyhow::Result<InvokeReport> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
         .unwrap_or(0);
-    let msg = GuestMessage {
+    let msg = |sequence: u64| GuestMessage {
         subject: &req.subject,
         payload: &req.payload,
         headers: &headers,
         stream: "LOCAL",
-        sequence: 1,
-        attempt: req.attempt.max(1),
+        sequence,
+        attempt: req.attempt,
         published_unix_nanos: now,
         handler: &name,
     };
-    let invoked = module.invoke(&mut None, msg, "LOCAL".into()).await;
+    let stream: Arc<str> = "LOCAL".into();
+    let invoked = module.invoke(&mut None, msg(1), stream.clone()).await;
+    // As the host does: a successful call's staged publishes are sent; a failed one's are
+    // discarded.
+    if invoked.outcome == Outcome::Success {
+        for out in &invoked.publishes {
+            if let Ok(pending) = backend.publish(out).await {
+                let _ = pending.await;
+            }
+        }
+    }
+    let calls = backend.recorded();
+    let snapshot = metrics.snapshot();
+    // Each repetition is the next message of the stream (sequence 2, 3, …), so conditional KV
+    // writes are new writes rather than recognised re-runs; only the first run is reported.
+    let mut steady = None;
+    if req.repeat > 0 {
+        let start = std::time::Instant::now();
+        for i in 0..req.repeat {
+            // Staged publishes of the repetitions are not sent: only the first run is reported.
+            let _ = module
+                .invoke(&mut None, msg(2 + u64::from(i)), stream.clone())
+                .await;
+        }
+        steady = Some((req.repeat, start.elapsed() / req.repeat));
+    }
     Ok(InvokeReport {
         handler: name,
         invoked,
-        calls: backend.recorded(),
-        metrics: metrics.snapshot(),
+        calls,
+        metrics: snapshot,
+        ordered,
+        steady,
     })
 }
 
@@ -195,9 +246,16 @@ impl fmt::Display for InvokeReport {
             f,
             "handler {}: {} in {:.2?} ({publishes} publishes, {kv} KV calls)",
             self.handler,
-            describe(&self.invoked.outcome),
+            describe(&self.invoked.outcome, self.ordered),
             self.invoked.elapsed
         )?;
+        if let Some((runs, per_message)) = self.steady {
+            writeln!(
+                f,
+                "  steady state: {per_message:.2?} per message over {runs} more run(s), each in \
+                 a fresh instance"
+            )?;
+        }
         let m = &self.metrics;
         if m.denied > 0 {
             writeln!(f, "  {} call(s) denied by the handler's grants", m.denied)?;
@@ -219,9 +277,35 @@ impl fmt::Display for InvokeReport {
                     writeln!(f, "    {}", Shown(&out.payload))?;
                 }
                 Recorded::KvGet { bucket, key, found } => match found {
-                    Some(v) => writeln!(f, "  kv get {bucket}/{key} -> {}", Shown(v))?,
+                    Some(e) => writeln!(
+                        f,
+                        "  kv get {bucket}/{key} -> {} (revision {})",
+                        Shown(&e.value),
+                        e.revision
+                    )?,
                     None => writeln!(f, "  kv get {bucket}/{key} -> (none)")?,
                 },
+                Recorded::KvPutIf {
+                    bucket,
+                    key,
+                    value,
+                    expect,
+                    written,
+                    ..
+                } => {
+                    let op = match expect {
+                        Expect::Revision(r) => format!("put-if revision {r}"),
+                        Expect::Absent => "create".to_owned(),
+                    };
+                    let result = match written {
+                        Written::Stored(r) => format!("stored as revision {r}"),
+                        Written::Duplicate(r) => {
+                            format!("already applied by this message (revision {r}), not stored")
+                        }
+                        Written::Conflict => "conflict, not stored".to_owned(),
+                    };
+                    writeln!(f, "  kv {op} {bucket}/{key} = {}: {result}", Shown(value))?
+                }
                 Recorded::KvPut {
                     bucket,
                     key,
@@ -239,25 +323,39 @@ impl fmt::Display for InvokeReport {
     }
 }
 
-/// A one-line description of an outcome, and what the host would do with the message.
-pub fn describe(outcome: &Outcome) -> String {
+/// A one-line description of an outcome, and what the host would do with the message: an
+/// ordered handler retries in place while the message's key waits, an unordered one naks.
+pub fn describe(outcome: &Outcome, ordered: bool) -> String {
+    let later = |when: &str| {
+        if ordered {
+            format!(
+                "the host would retry it in place {when}, holding back later messages of its key"
+            )
+        } else {
+            format!("the host would nak it for redelivery {when}")
+        }
+    };
     match outcome {
         Outcome::Success => "ok (the host would ack the message)".to_owned(),
         Outcome::Retry {
             reason,
             delay: Some(d),
-        } => format!("retry after {d:?}: {reason} (the host would nak with that delay)"),
+        } => format!(
+            "retry after {d:?}: {reason} ({})",
+            later(&format!("after {d:?}"))
+        ),
         Outcome::Retry {
             reason,
             delay: None,
-        } => format!("retry: {reason} (the host would nak with its backoff)"),
+        } => format!("retry: {reason} ({})", later("after its backoff")),
         Outcome::Reject { reason } => {
             format!("reject: {reason} (the host would dead-letter and terminate it)")
         }
         Outcome::Failed(failure) => format!(
-            "failed ({}): {} (the host would retry with its backoff)",
+            "failed ({}): {} ({}; the last attempt is dead-lettered)",
             failure.kind.as_str(),
-            failure.reason
+            failure.reason,
+            later("after its backoff")
         ),
     }
 }

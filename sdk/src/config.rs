@@ -8,12 +8,12 @@
 //! output-subject = "enriched.orders"
 //! ```
 
-use crate::wit::mailroom::handler::config as host;
+use crate::host as sys;
 use crate::Error;
 
 /// The setting named `key`, if the host configuration has it.
 pub fn get(key: &str) -> Option<String> {
-    host::get(key)
+    sys::config_get(key)
 }
 
 /// The setting named `key`; a missing setting [rejects](Error::reject) the message with a reason

@@ -70,21 +70,42 @@
 //!
 //! # Testing handlers
 //!
-//! Handler logic that does not call the host can be unit tested natively with
-//! [`Message::new`]. To run the whole component, host calls included, use
+//! `cargo test` runs a handler natively: off `wasm32`, host calls go to a
+//! [`testing::Harness`], which holds settings, an in-memory KV store, and records every publish
+//! and log record for your assertions:
+//!
+//! ```ignore
+//! #[test]
+//! fn enriches_large_orders() {
+//!     let mut harness = Harness::new().setting("output-subject", "enriched.orders");
+//!     harness.run(handle, Message::new("orders.eu", r#"{"id":7,"amount_cents":250000}"#))?;
+//!     let out = &harness.published_to("enriched.orders")[0];
+//!     assert_eq!(out.json::<serde_json::Value>()["large"], true);
+//! }
+//! ```
+//!
+//! To run the built component exactly as the host does, use
 //! `mailroom invoke handler.wasm --subject orders.1 --data '{"id":1}'`.
+//!
+//! # State that survives a crash
+//!
+//! [`kv::apply_once`] applies a message's effect to a KV key exactly once, even when the
+//! message runs again after its host died between the write and the ack.
 #![deny(missing_docs)]
 
 // The generated bindings name this crate by its public path, which also has to resolve inside it.
 extern crate self as mailroom_sdk;
 
 mod error;
+mod host;
 mod message;
 
 pub mod config;
 pub mod kv;
 pub mod log;
 mod publish;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
 
 pub use error::{Error, Result};
 pub use message::Message;
@@ -98,7 +119,7 @@ pub use publish::{publish, publish_with_headers, PublishError};
 #[allow(clippy::too_many_arguments)]
 pub mod wit {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         world: "handler",
         pub_export_macro: true,
         export_macro_name: "__export_handler_world",

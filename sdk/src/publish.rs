@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use crate::host as sys;
 use crate::wit::mailroom::handler::{publish as host, types};
 use crate::Error;
 
@@ -36,7 +37,7 @@ pub enum PublishError {
 }
 
 impl PublishError {
-    fn from_wit(err: host::PublishError) -> PublishError {
+    pub(crate) fn from_wit(err: host::PublishError) -> PublishError {
         match err {
             host::PublishError::Denied(subject) => PublishError::Denied { subject },
             host::PublishError::TooLarge(limit) => PublishError::TooLarge { limit },
@@ -113,7 +114,7 @@ pub fn publish_with_headers(
             values: vec![(*value).to_owned()],
         })
         .collect();
-    host::publish(subject, payload.as_ref(), &headers).map_err(PublishError::from_wit)
+    sys::publish(subject, payload.as_ref(), &headers).map_err(PublishError::from_wit)
 }
 
 /// Serializes `value` as JSON and publishes it to `subject` with

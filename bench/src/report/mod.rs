@@ -8,9 +8,17 @@ use anyhow::Context as _;
 use mailroom::telemetry::MetricsSnapshot;
 use serde::Serialize;
 
+use crate::bursts::Burst;
+use crate::peers::PeerRun;
 use crate::scenarios::{Baseline, Runner, Scenario, Suite, Workers};
 
+pub mod checks;
+mod ratios;
 mod svg;
+
+pub use ratios::{ordering_rows, ratio_lines};
+
+pub use checks::Check;
 
 /// One run of one scenario.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -37,6 +45,16 @@ pub struct Measurement {
     pub stop_s: Option<f64>,
     /// Autoscaled: seconds until the pool first had `max_workers` workers.
     pub time_to_max_workers_s: Option<f64>,
+    /// Autoscaled: the median pool size over the second half of the drain.
+    pub workers_settled: Option<f64>,
+    /// Autoscaled: the largest pool size seen.
+    pub workers_peak: Option<u64>,
+    /// The bursts scenario: each burst's timings.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bursts: Vec<Burst>,
+    /// A peer host's run: its version and the consumer it created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerRun>,
     /// Enrich: messages stored in the output stream afterwards.
     pub outputs: Option<u64>,
     /// Mailroom: the handler's counters at the end.
@@ -98,6 +116,8 @@ pub struct Summary {
     pub time_to_max_workers_s: Option<f64>,
     /// Rounds in which the pool reached `max_workers`.
     pub rounds_reaching_max_workers: usize,
+    /// Pool size it settled at.
+    pub workers_settled: Option<f64>,
 }
 
 /// One scenario over all rounds.
@@ -166,8 +186,10 @@ pub struct Report {
     pub total_seconds: f64,
     /// Every scenario.
     pub scenarios: Vec<ScenarioReport>,
-    /// The closing ratios (compare suite).
+    /// The closing ratios (compare and peers suites).
     pub ratios: Vec<RatioLine>,
+    /// The targets checked in every round.
+    pub checks: Vec<Check>,
     /// The ordering table (ordering suite).
     pub ordering: Vec<OrderingRow>,
 }
@@ -198,6 +220,7 @@ fn summarize(rounds: &[Measurement]) -> Option<Summary> {
             .iter()
             .filter(|m| m.time_to_max_workers_s.is_some())
             .count(),
+        workers_settled: of(|m| m.workers_settled),
     })
 }
 
@@ -210,18 +233,41 @@ fn describe_runner(runner: &Runner) -> String {
         Runner::NativeIo { in_flight } => {
             format!("async-nats, 1 ms tokio sleep + ack, {in_flight} in flight")
         }
-        Runner::Mailroom(spec) => {
+        Runner::Mailroom(spec)
+        | Runner::MailroomBursts { spec, .. }
+        | Runner::MailroomHosts { spec, .. } => {
             let workers = match spec.workers {
                 Workers::Fixed(n) => format!("concurrency {n}"),
                 Workers::Auto { min, max } => format!("workers {min}..={max}"),
             };
+            let bursts = match runner {
+                Runner::MailroomBursts { bursts, size, .. } => {
+                    format!(", {bursts} bursts of {size}")
+                }
+                Runner::MailroomHosts { hosts, .. } => format!(", {hosts} host(s)"),
+                _ => String::new(),
+            };
             format!(
-                "mailroom {}.wasm, ordering {}, {workers}{}",
+                "mailroom {}.wasm, ordering {}, {workers}{}{}{}{bursts}",
                 spec.guest,
                 if spec.ordered { "subject" } else { "none" },
                 if spec.reuse { ", isolation reuse" } else { "" },
-            )
+                spec.in_flight
+                    .map_or(String::new(), |n| format!(", max_buffered {n}")),
+                spec.scale_cooldown
+                    .map_or(String::new(), |c| format!(", scale_cooldown {c}")),
+            ) + &spec
+                .partitions
+                .map_or(String::new(), |n| format!(", {n} partitions"))
         }
+        Runner::Wasmcloud { pooled, in_flight } => format!(
+            "wasmCloud wash dev, wasmcloud-noop.wasm, max-ack-pending {in_flight}{}",
+            if *pooled {
+                format!(", poolSize {}", crate::peers::POOL_SIZE)
+            } else {
+                ", fresh instance per message".to_owned()
+            }
+        ),
     }
 }
 
@@ -278,77 +324,6 @@ pub fn build(
     reports
 }
 
-/// The ordering table, from the ordering suite's scenarios.
-pub fn ordering_rows(scenarios: &[Scenario], reports: &[ScenarioReport]) -> Vec<OrderingRow> {
-    let mut rows: Vec<OrderingRow> = Vec::new();
-    for (s, r) in scenarios.iter().zip(reports) {
-        let Some(cell) = s.cell else { continue };
-        let rate = r.median.as_ref().map(|m| m.msgs_per_s);
-        let i = match rows
-            .iter()
-            .position(|row| row.keys == cell.keys && row.handler == cell.handler)
-        {
-            Some(i) => i,
-            None => {
-                rows.push(OrderingRow {
-                    keys: cell.keys,
-                    handler: cell.handler.to_owned(),
-                    messages: s.messages,
-                    ordered_msgs_per_s: None,
-                    unordered_msgs_per_s: None,
-                    ratio: None,
-                });
-                rows.len() - 1
-            }
-        };
-        if cell.ordered {
-            rows[i].ordered_msgs_per_s = rate;
-        } else {
-            rows[i].unordered_msgs_per_s = rate;
-        }
-    }
-    for row in &mut rows {
-        row.ratio = match (row.ordered_msgs_per_s, row.unordered_msgs_per_s) {
-            (Some(o), Some(u)) if u > 0.0 => Some(o / u),
-            _ => None,
-        };
-    }
-    rows
-}
-
-/// The closing ratio lines, for the compare scenarios that ran.
-pub fn ratio_lines(reports: &[ScenarioReport]) -> Vec<RatioLine> {
-    [
-        ("mailroom-noop", "native"),
-        ("mailroom-noop-ordered", "mailroom-noop"),
-        ("mailroom-enrich", "native-enrich"),
-        ("mailroom-io", "ideal"),
-        ("mailroom-reuse", "native"),
-        ("mailroom-io", "native-io"),
-    ]
-    .into_iter()
-    .map(|(name, base)| {
-        let find = |n: &str| reports.iter().find(|r| r.name == n);
-        let value = if base == "native-io" {
-            // Not the scenario's own baseline: computed from both medians.
-            match (
-                find(name).and_then(|r| r.median.as_ref()),
-                find(base).and_then(|r| r.median.as_ref()),
-            ) {
-                (Some(a), Some(b)) if b.msgs_per_s > 0.0 => Some(a.msgs_per_s / b.msgs_per_s),
-                _ => None,
-            }
-        } else {
-            find(name).and_then(|r| r.ratio)
-        };
-        RatioLine {
-            name: format!("{name}/{base}"),
-            value,
-        }
-    })
-    .collect()
-}
-
 fn opt(v: Option<f64>, decimals: usize) -> String {
     v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.decimals$}"))
 }
@@ -382,6 +357,42 @@ fn notes(report: &Report) -> Vec<String> {
                 med.msgs_per_s,
                 r.baseline.as_deref().unwrap_or("ideal"),
                 opt(r.baseline_msgs_per_s, 0),
+            ));
+        }
+        if r.name.ends_with("-auto") {
+            let peaks: Vec<String> = r
+                .rounds
+                .iter()
+                .map(|m| m.workers_peak.map_or("n/a".to_owned(), |p| p.to_string()))
+                .collect();
+            notes.push(format!(
+                "note: {}: the pool settled at {} workers (median of the drain's second half, median of rounds; {} cores); most workers per round: {}",
+                r.name,
+                opt(med.workers_settled, 1),
+                report.machine.cores,
+                peaks.join(", ")
+            ));
+        }
+        for (round, m) in r.rounds.iter().enumerate() {
+            for (i, b) in m.bursts.iter().enumerate() {
+                notes.push(format!(
+                    "note: {} round {}, burst {}: max_workers after {}s, drained in {:.2}s (published in {:.2}s), back to min_workers {}s after draining (scale_cooldown {}); most workers {}",
+                    r.name,
+                    round + 1,
+                    i + 1,
+                    opt(b.to_max_s, 2),
+                    b.drain_s,
+                    b.publish_s,
+                    opt(b.back_to_min_s, 2),
+                    crate::scenarios::BURST_COOLDOWN,
+                    b.peak_workers
+                ));
+            }
+        }
+        if let Some(peer) = r.rounds.iter().find_map(|m| m.peer.as_ref()) {
+            notes.push(format!(
+                "note: {}: {} (RUST_BACKTRACE unset), consumer it created: {}",
+                r.name, peer.version, peer.consumer
             ));
         }
         if r.name == "mailroom-soak" {
@@ -499,6 +510,22 @@ pub fn render_text(report: &Report) -> String {
                 opt(row.ordered_msgs_per_s, 0),
                 opt(row.unordered_msgs_per_s, 0),
                 opt(row.ratio, 3),
+            );
+        }
+        let _ = writeln!(out);
+    }
+    if !report.checks.is_empty() {
+        let _ = writeln!(out, "targets, checked in every round:");
+        for c in &report.checks {
+            let values: Vec<String> = c.values.iter().map(|v| opt(*v, 3)).collect();
+            let _ = writeln!(
+                out,
+                "check {} {}: {} (met in {} of {} rounds)",
+                c.name,
+                c.target,
+                values.join(", "),
+                c.met,
+                c.values.len()
             );
         }
         let _ = writeln!(out);

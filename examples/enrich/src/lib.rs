@@ -33,9 +33,45 @@ fn handle(msg: Message) -> Result<(), Error> {
     );
     order.insert("enriched_by".into(), json!(msg.handler_name()));
 
-    mailroom_sdk::debug!("enriched {} seq {}", msg.subject(), msg.sequence());
+    mailroom_sdk::debug!(subject = msg.subject(), sequence = msg.sequence(); "enriched");
     publish_json(&output, &order)?;
     Ok(())
 }
 
 mailroom_sdk::export!(handle);
+
+#[cfg(test)]
+mod tests {
+    use mailroom_sdk::testing::Harness;
+    use mailroom_sdk::Message;
+    use serde_json::Value;
+
+    #[test]
+    fn adds_amount_tier_and_source_and_publishes_json() {
+        let mut h = Harness::new().setting("output-subject", "enriched.orders");
+        let msg = Message::new("orders.eu", r#"{"id":7,"amount_cents":250000}"#)
+            .with_sequence("ORDERS", 42);
+        h.run(super::handle, msg).unwrap();
+        let out = h.published_to("enriched.orders");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].header("Content-Type"), Some("application/json"));
+        let order: Value = out[0].json();
+        assert_eq!(order["amount"], "2500.00");
+        assert_eq!(order["tier"], "large");
+        assert_eq!(order["source"]["sequence"], 42);
+        assert_eq!(order["enriched_by"], "test");
+        assert_eq!(h.logs()[0].field("sequence"), Some("42"));
+    }
+
+    #[test]
+    fn bad_json_or_a_missing_setting_rejects() {
+        let mut h = Harness::new().setting("output-subject", "out");
+        let err = h.run(super::handle, Message::new("o", "nope")).unwrap_err();
+        assert!(err.is_reject(), "{err}");
+        let err = Harness::new()
+            .run(super::handle, Message::new("o", "{}"))
+            .unwrap_err();
+        assert!(err.reason().contains("output-subject"), "{err}");
+        h.assert_nothing_published();
+    }
+}

@@ -10,6 +10,8 @@
 //! | `reject`           | rejects the message (dead-lettered at once)                         |
 //! | `trap`             | panics (a trap) on every attempt                                    |
 //! | `trap-once`        | panics on attempt 1, then succeeds                                  |
+//! | `crash:TEXT`       | prints a traceback ending in TEXT to stderr, then aborts (a trap    |
+//! |                    | with no panic message, as an interpreter's uncaught exception)      |
 //! | `loop`             | spins forever (stopped by the host's timeout)                       |
 //! | `oom`              | allocates until memory runs out (stopped by the memory limit)       |
 //! | `recurse`          | recurses until the stack overflows                                  |
@@ -34,10 +36,25 @@
 //! | `record-exec:MS`   | sleeps MS ms, then publishes "SUBJECT SEQUENCE ATTEMPT" to the      |
 //! |                    | `output-subject` setting (deduplicated across re-runs) and to      |
 //! |                    | `execs.<stream>` with the id `exec-SEQUENCE-ATTEMPT` (one per run)   |
-//! | `poison`           | publishes an exec record like `record-exec`, then asks for a retry  |
-//! |                    | (every attempt fails)                                               |
+//! | `poison`           | writes KV key `SEQUENCE-ATTEMPT` in bucket `execs` (an execution    |
+//! |                    | record that a failed attempt keeps), then asks for a retry (every   |
+//! |                    | attempt fails)                                                      |
+//! | `span:MS`          | sleeps MS ms and writes KV key `HOST-SEQUENCE-START` in bucket      |
+//! |                    | `spans` with "SUBJECT SEQUENCE START END ATTEMPT HOST" (nanoseconds |
+//! |                    | since the epoch; HOST is the `host` setting), then publishes        |
+//! |                    | "SUBJECT SEQUENCE" to the `output-subject` setting: how the         |
+//! |                    | partition tests see every execution of every key                    |
+//! | `switch:A,B`       | attempt 1 publishes "A" to subject A and asks for a retry; later    |
+//! |                    | attempts publish "B" to subject B and succeed                       |
+//! | `publish-id:ID`    | publishes to the `output-subject` setting with `Nats-Msg-Id` ID     |
+//! | `sleep-kv:MS`      | sleeps MS ms, then writes key `late` in bucket `execs`              |
+//! | `require-kv:B/K`   | asks for a retry unless key K exists in bucket B, then succeeds     |
 //! | `echo-meta`        | publishes "PAYLOAD-BYTES HEADER-NAMES VALUES-OF-X-Many TOKENS" to   |
 //! |                    | the `output-subject` setting                                        |
+//! | `version:MS`       | sleeps MS ms, then publishes "SUBJECT SEQUENCE VERSION" (VERSION is |
+//! |                    | the `version` setting) to the `output-subject` setting and to       |
+//! |                    | `execs.<stream>` with an id unique to this execution: how the       |
+//! |                    | deploy tests see which version ran each message, and how often     |
 //!
 //! A `Flaky-Command` header, when present, is the command instead of the payload, so the
 //! payload can be anything (binary, empty, huge).
@@ -78,6 +95,13 @@ fn handle(msg: Message) -> Result<(), Error> {
         "retry-after" => Ok(()),
         "reject" => Err(Error::reject("flaky: rejected on purpose")),
         "trap" => panic!("flaky: trap requested"),
+        "crash" => {
+            // What an interpreter does on an uncaught exception: print it, then trap without
+            // a Rust panic message.
+            eprintln!("Traceback (most recent call last):\n  File \"app.py\", line 3, in handle");
+            eprintln!("flaky: {arg}");
+            std::process::abort()
+        }
         "trap-once" if attempt == 1 => panic!("flaky: trap requested on attempt 1"),
         "trap-once" => Ok(()),
         "loop" => spin_forever(),
@@ -151,14 +175,73 @@ fn handle(msg: Message) -> Result<(), Error> {
             publish(&config::require("output-subject")?, line)?;
             Ok(())
         }
-        "poison" => {
-            let exec_id = format!("exec-{}-{attempt}", msg.sequence());
+        "version" => {
+            std::thread::sleep(Duration::from_millis(number()?));
+            let version = config::get("version").unwrap_or_else(|| "?".to_owned());
+            let line = format!("{} {} {version}", msg.subject(), msg.sequence());
+            let exec_id = format!("exec-{}-{}", msg.sequence(), now_nanos());
             mailroom_sdk::publish_with_headers(
                 &format!("execs.{}", msg.stream()),
-                format!("{} {} {}", msg.subject(), msg.sequence(), attempt),
+                &line,
                 &[("Nats-Msg-Id", &exec_id)],
             )?;
+            publish(&config::require("output-subject")?, line)?;
+            Ok(())
+        }
+        "poison" => {
+            kv::put("execs", &format!("{}-{attempt}", msg.sequence()), b"poison")?;
             Err(Error::retry(format!("flaky: poison attempt {attempt}")))
+        }
+        "span" => {
+            let start = now_nanos();
+            std::thread::sleep(Duration::from_millis(number()?));
+            let end = now_nanos();
+            let host = config::get("host").unwrap_or_else(|| "?".to_owned());
+            let record = format!(
+                "{} {} {start} {end} {attempt} {host}",
+                msg.subject(),
+                msg.sequence()
+            );
+            kv::put(
+                "spans",
+                &format!("{host}-{}-{start}", msg.sequence()),
+                record.as_bytes(),
+            )?;
+            let line = format!("{} {}", msg.subject(), msg.sequence());
+            publish(&config::require("output-subject")?, line)?;
+            Ok(())
+        }
+        "switch" => {
+            let (first, then) = arg
+                .split_once(',')
+                .ok_or_else(|| Error::reject(format!("switch needs A,B, got {arg:?}")))?;
+            if attempt == 1 {
+                publish(first, "A")?;
+                Err(Error::retry("flaky: switch fails attempt 1"))
+            } else {
+                publish(then, "B")?;
+                Ok(())
+            }
+        }
+        "publish-id" => {
+            mailroom_sdk::publish_with_headers(
+                &config::require("output-subject")?,
+                msg.payload(),
+                &[("Nats-Msg-Id", arg)],
+            )?;
+            Ok(())
+        }
+        "sleep-kv" => {
+            std::thread::sleep(Duration::from_millis(number()?));
+            kv::put("execs", "late", b"1")?;
+            Ok(())
+        }
+        "require-kv" => {
+            let (bucket, key) = bucket_key(arg)?;
+            match kv::get(bucket, key)? {
+                Some(_) => Ok(()),
+                None => Err(Error::retry(format!("flaky: {arg} is not there yet"))),
+            }
         }
         "echo-meta" => {
             let names: std::collections::BTreeSet<&str> = msg.headers().map(|(n, _)| n).collect();
@@ -203,6 +286,12 @@ fn handle(msg: Message) -> Result<(), Error> {
         "sandbox" => sandbox_report(),
         other => Err(Error::reject(format!("flaky: unknown command {other:?}"))),
     }
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
 }
 
 fn bucket_key(arg: &str) -> Result<(&str, &str), Error> {
@@ -272,3 +361,39 @@ fn sandbox_report() -> Result<(), Error> {
 }
 
 mailroom_sdk::export!(handle);
+
+#[cfg(test)]
+mod tests {
+    use mailroom_sdk::testing::Harness;
+    use mailroom_sdk::Message;
+
+    #[test]
+    fn each_command_takes_its_failure_path() {
+        let mut h = Harness::new().setting("output-subject", "records.all");
+        assert!(h.run(super::handle, Message::new("jobs.a", "ok")).is_ok());
+        let retry = h.run(super::handle, Message::new("jobs.a", "retry"));
+        assert!(retry.unwrap_err().is_retry());
+        let reject = h.run(super::handle, Message::new("jobs.a", "reject"));
+        assert!(reject.unwrap_err().is_reject());
+        let later = h
+            .run(
+                super::handle,
+                Message::new("jobs.a", "retry-until:2").with_attempt(2),
+            )
+            .map_err(|e| e.to_string());
+        assert_eq!(later, Ok(()));
+        h.run(
+            super::handle,
+            Message::new("jobs.a", "record").with_sequence("JOBS", 5),
+        )
+        .unwrap();
+        h.assert_published("records.all", "jobs.a 5 1");
+    }
+
+    #[test]
+    fn the_header_command_wins_over_the_payload() {
+        let mut h = Harness::new();
+        let msg = Message::new("jobs.a", vec![0xff, 0x00]).with_header("Flaky-Command", "reject");
+        assert!(h.run(super::handle, msg).unwrap_err().is_reject());
+    }
+}

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use super::{Backend, KvError, Outbound, PendingPublish, PublishError};
+use super::{Backend, Expect, KvEntry, KvError, NotStored, Outbound, PendingPublish, Stored};
 
 /// One call a handler made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,8 +20,8 @@ pub enum Recorded {
         bucket: String,
         /// Key.
         key: String,
-        /// The value found.
-        found: Option<Vec<u8>>,
+        /// The value and revision found.
+        found: Option<KvEntry>,
     },
     /// A KV write and the revision it got.
     KvPut {
@@ -34,6 +34,21 @@ pub enum Recorded {
         /// The new revision.
         revision: u64,
     },
+    /// A conditional KV write (`put-if`, `create`) and what became of it.
+    KvPutIf {
+        /// Bucket name.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// The value offered.
+        value: Vec<u8>,
+        /// What the write expected of the key.
+        expect: Expect,
+        /// The write's idempotency id.
+        once_id: String,
+        /// Stored, recognised as a re-run, or refused.
+        written: Written,
+    },
     /// A KV delete.
     KvDelete {
         /// Bucket name.
@@ -43,11 +58,71 @@ pub enum Recorded {
     },
 }
 
+/// What became of a conditional write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Stored with this revision.
+    Stored(u64),
+    /// Its idempotency id was seen before: nothing stored; the first write's revision.
+    Duplicate(u64),
+    /// The key was not as expected: nothing stored.
+    Conflict,
+}
+
+/// A key's latest write: a value, or a delete marker (`None`), like a JetStream KV subject.
+struct Slot {
+    value: Option<Vec<u8>>,
+    revision: u64,
+}
+
 #[derive(Default)]
 struct State {
     calls: Vec<Recorded>,
-    kv: HashMap<(String, String), Vec<u8>>,
+    kv: HashMap<(String, String), Slot>,
+    /// Idempotency ids of stored conditional writes, per bucket, with their revisions. Kept
+    /// for the backend's lifetime: it stands for a duplicate window longer than any test.
+    once: HashMap<(String, String), u64>,
     revision: u64,
+}
+
+impl State {
+    fn write(&mut self, bucket: &str, key: &str, value: Option<Vec<u8>>) -> u64 {
+        self.revision += 1;
+        let revision = self.revision;
+        self.kv.insert(
+            (bucket.to_owned(), key.to_owned()),
+            Slot { value, revision },
+        );
+        revision
+    }
+
+    fn put_if(
+        &mut self,
+        bucket: &str,
+        key: &str,
+        value: Vec<u8>,
+        expect: Expect,
+        once_id: &str,
+    ) -> Written {
+        // Like JetStream: the duplicate check comes before the expected-revision check.
+        if let Some(&revision) = self.once.get(&(bucket.to_owned(), once_id.to_owned())) {
+            return Written::Duplicate(revision);
+        }
+        let slot = self.kv.get(&(bucket.to_owned(), key.to_owned()));
+        let matches = match (expect, slot) {
+            (Expect::Absent, None) => true,
+            (Expect::Absent, Some(slot)) => slot.value.is_none(),
+            (Expect::Revision(r), Some(slot)) => slot.value.is_some() && slot.revision == r,
+            (Expect::Revision(_), None) => false,
+        };
+        if !matches {
+            return Written::Conflict;
+        }
+        let revision = self.write(bucket, key, Some(value));
+        self.once
+            .insert((bucket.to_owned(), once_id.to_owned()), revision);
+        Written::Stored(revision)
+    }
 }
 
 /// Records calls; KV buckets spring into existence on first use.
@@ -67,9 +142,21 @@ impl MemoryBackend {
 
     /// Seeds a KV value before the handler runs.
     pub fn seed(&self, bucket: &str, key: &str, value: Vec<u8>) {
-        let mut state = self.lock();
-        state.revision += 1;
-        state.kv.insert((bucket.to_owned(), key.to_owned()), value);
+        self.lock().write(bucket, key, Some(value));
+    }
+
+    /// The current value of a key, if any.
+    pub fn value(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let state = self.lock();
+        state
+            .kv
+            .get(&(bucket.to_owned(), key.to_owned()))
+            .and_then(|slot| slot.value.clone())
+    }
+
+    /// Forgets the calls recorded so far (the KV contents stay).
+    pub fn clear_recorded(&self) {
+        self.lock().calls.clear();
     }
 
     /// Every call made so far, in order.
@@ -84,9 +171,9 @@ impl MemoryBackend {
 }
 
 impl Backend for MemoryBackend {
-    fn publish(&self, msg: Outbound) -> BoxFuture<'_, Result<PendingPublish, PublishError>> {
-        self.lock().calls.push(Recorded::Publish(msg));
-        let pending: PendingPublish = async { Ok(()) }.boxed();
+    fn publish(&self, msg: &Outbound) -> BoxFuture<'_, Result<PendingPublish, NotStored>> {
+        self.lock().calls.push(Recorded::Publish(msg.clone()));
+        let pending: PendingPublish = async { Ok(Stored::New) }.boxed();
         async move { Ok(pending) }.boxed()
     }
 
@@ -94,9 +181,17 @@ impl Backend for MemoryBackend {
         &'a self,
         bucket: &'a str,
         key: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, KvError>> {
+    ) -> BoxFuture<'a, Result<Option<KvEntry>, KvError>> {
         let mut state = self.lock();
-        let found = state.kv.get(&(bucket.to_owned(), key.to_owned())).cloned();
+        let found = state
+            .kv
+            .get(&(bucket.to_owned(), key.to_owned()))
+            .and_then(|slot| {
+                Some(KvEntry {
+                    value: slot.value.clone()?,
+                    revision: slot.revision,
+                })
+            });
         state.calls.push(Recorded::KvGet {
             bucket: bucket.to_owned(),
             key: key.to_owned(),
@@ -112,11 +207,7 @@ impl Backend for MemoryBackend {
         value: Vec<u8>,
     ) -> BoxFuture<'a, Result<u64, KvError>> {
         let mut state = self.lock();
-        state.revision += 1;
-        let revision = state.revision;
-        state
-            .kv
-            .insert((bucket.to_owned(), key.to_owned()), value.clone());
+        let revision = state.write(bucket, key, Some(value.clone()));
         state.calls.push(Recorded::KvPut {
             bucket: bucket.to_owned(),
             key: key.to_owned(),
@@ -126,13 +217,44 @@ impl Backend for MemoryBackend {
         async move { Ok(revision) }.boxed()
     }
 
+    fn kv_put_if<'a>(
+        &'a self,
+        bucket: &'a str,
+        key: &'a str,
+        value: Vec<u8>,
+        expect: Expect,
+        once_id: String,
+    ) -> BoxFuture<'a, Result<u64, KvError>> {
+        let mut state = self.lock();
+        let written = state.put_if(bucket, key, value.clone(), expect, &once_id);
+        state.calls.push(Recorded::KvPutIf {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            value,
+            expect,
+            once_id,
+            written,
+        });
+        let result = match written {
+            Written::Stored(revision) | Written::Duplicate(revision) => Ok(revision),
+            Written::Conflict => Err(KvError::Conflict(key.to_owned())),
+        };
+        async move { result }.boxed()
+    }
+
     fn kv_delete<'a>(
         &'a self,
         bucket: &'a str,
         key: &'a str,
     ) -> BoxFuture<'a, Result<(), KvError>> {
         let mut state = self.lock();
-        state.kv.remove(&(bucket.to_owned(), key.to_owned()));
+        let exists = state
+            .kv
+            .get(&(bucket.to_owned(), key.to_owned()))
+            .is_some_and(|slot| slot.value.is_some());
+        if exists {
+            state.write(bucket, key, None);
+        }
         state.calls.push(Recorded::KvDelete {
             bucket: bucket.to_owned(),
             key: key.to_owned(),

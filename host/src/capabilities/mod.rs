@@ -4,39 +4,77 @@
 //! - Every call is checked against the handler's [`Grants`] before anything leaves the host. A
 //!   refused call returns the WIT error to the guest (the inner result), is logged and counted;
 //!   it never traps. Only a broken host invariant would trap (the outer result).
-//! - Publishes are sent at once but only *confirmed* later: each one leaves a
-//!   [`PendingPublish`] in the [`CallContext`], and the consumer awaits all of them before it
-//!   acks the input message.
+//! - Publishes are *staged*: a checked publish is kept in the [`CallContext`] as an
+//!   [`Outbound`] and nothing leaves the host during the call. Only when the handler returns
+//!   `ok` does the consumer send the staged publishes (all at once, pipelined) and await their
+//!   confirmations before it acks the input message; a failed attempt's publishes are
+//!   discarded. So the outputs stored for a message are those of the attempt that succeeded.
 //! - Publishes get a deterministic `Nats-Msg-Id` (handler, stream, sequence, index of the
 //!   publish in the call), so a re-run of the same message stores nothing new within the
 //!   stream's duplicate window.
+//! - Conditional KV writes (`put-if`, `create`) get a deterministic idempotency id too (handler,
+//!   stream, sequence, bucket/key, count of earlier such writes to that key in the call), so a
+//!   re-run's read-modify-write of a key it already applied stores nothing (`kv.rs`).
 //! - This module knows nothing about wasmtime stores or instances; the I/O itself goes through
 //!   a [`Backend`] (NATS in production, memory in `mailroom invoke` and unit tests).
 
+mod kv;
+mod log;
 mod memory;
 mod nats;
 pub mod subject;
+mod v0_1;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
-use crate::runtime::bindings::mailroom::handler::{config, kv, log, publish, types};
+use crate::fence::Fence;
+use crate::runtime::bindings::mailroom::handler::{config, publish, types};
 use crate::telemetry::HandlerMetrics;
 
-pub use memory::{MemoryBackend, Recorded};
+pub use kv::{Expect, KvEntry, KvError};
+pub use memory::{MemoryBackend, Recorded, Written};
 pub use nats::NatsBackend;
 pub use subject::SubjectPattern;
 
 /// The WIT error a refused publish returns.
 pub type PublishError = publish::PublishError;
-/// The WIT error a refused KV call returns.
-pub type KvError = kv::KvError;
 
-/// A publish that was sent and whose confirmation is still to be awaited. It resolves to
-/// `Err(reason)` when the message was not stored.
-pub type PendingPublish = BoxFuture<'static, Result<(), String>>;
+/// A publish that was sent and whose confirmation is still to be awaited.
+pub type PendingPublish = BoxFuture<'static, Result<Stored, NotStored>>;
+
+/// How a sent publish ended well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// A stream stored it.
+    New,
+    /// A stream had already stored a message with this `Nats-Msg-Id` within its duplicate
+    /// window, so this one was dropped (a re-run of a message that was already processed).
+    Duplicate,
+    /// No stream captures the subject: it was handed to the server as a plain NATS message.
+    Uncaptured,
+}
+
+/// Why a publish was not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotStored {
+    /// NATS or the stream could not be reached (disconnected, no stream leader during an
+    /// election): sending the same publish again later may succeed.
+    Unavailable(String),
+    /// The stream answered with an error (limits, a refused message): retrying the same
+    /// publish at once will not help.
+    Refused(String),
+}
+
+impl std::fmt::Display for NotStored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotStored::Unavailable(reason) | NotStored::Refused(reason) => f.write_str(reason),
+        }
+    }
+}
 
 /// A message a handler publishes, after the host checked it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +82,7 @@ pub struct Outbound {
     /// The (validated, granted) subject.
     pub subject: String,
     /// The body.
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
     /// Headers as `(name, value)` pairs; a name may repeat.
     pub headers: Vec<(String, String)>,
     /// The `Nats-Msg-Id` to send: the guest's own, or the derived one.
@@ -53,21 +91,34 @@ pub struct Outbound {
 
 /// Where the capabilities' I/O goes. Implementations must be cheap to call concurrently.
 pub trait Backend: Send + Sync + 'static {
-    /// Sends `msg` and returns a future that confirms it (stored by JetStream, or accepted by
-    /// the server for subjects no stream captures).
-    fn publish(&self, msg: Outbound) -> BoxFuture<'_, Result<PendingPublish, PublishError>>;
-    /// Reads a key; `None` when absent or deleted.
+    /// Sends `msg` and returns a future that confirms it (stored by a stream, or handed to
+    /// the server when no stream captures its subject). Sending it again is safe: its
+    /// `Nats-Msg-Id` makes a stream store it once.
+    fn publish(&self, msg: &Outbound) -> BoxFuture<'_, Result<PendingPublish, NotStored>>;
+    /// Reads a key and its revision; `None` when absent or deleted.
     fn kv_get<'a>(
         &'a self,
         bucket: &'a str,
         key: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, KvError>>;
+    ) -> BoxFuture<'a, Result<Option<KvEntry>, KvError>>;
     /// Writes a key and returns the new revision once stored.
     fn kv_put<'a>(
         &'a self,
         bucket: &'a str,
         key: &'a str,
         value: Vec<u8>,
+    ) -> BoxFuture<'a, Result<u64, KvError>>;
+    /// Writes a key only if it is as `expect` says, and returns the new revision once stored,
+    /// or `KvError::Conflict`. `once_id` is the write's idempotency id: a second write with the
+    /// same id (within the bucket's duplicate window) stores nothing and returns the revision
+    /// of the first.
+    fn kv_put_if<'a>(
+        &'a self,
+        bucket: &'a str,
+        key: &'a str,
+        value: Vec<u8>,
+        expect: Expect,
+        once_id: String,
     ) -> BoxFuture<'a, Result<u64, KvError>>;
     /// Deletes a key.
     fn kv_delete<'a>(&'a self, bucket: &'a str, key: &'a str)
@@ -125,15 +176,20 @@ impl std::fmt::Debug for HandlerCaps {
     }
 }
 
-/// The capability state of one handler call: counters and the publishes still to confirm.
+/// The capability state of one handler call: counters and the staged publishes.
 pub struct CallContext {
     caps: Arc<HandlerCaps>,
+    /// Until when this call's KV writes may land (a partition's lease; `None`: always).
+    fence: Option<Arc<Fence>>,
     stream: Arc<str>,
     sequence: u64,
     publishes: u32,
-    pending: Vec<PendingPublish>,
+    staged: Vec<Outbound>,
     log_used: usize,
     log_dropped: u32,
+    /// Successful conditional KV writes per `bucket/key` in this call, for their idempotency
+    /// ids. Empty (and unallocated) unless the handler makes conditional writes.
+    kv_written: Vec<(String, u32)>,
 }
 
 impl CallContext {
@@ -141,23 +197,43 @@ impl CallContext {
     pub fn new(caps: Arc<HandlerCaps>, stream: Arc<str>, sequence: u64) -> CallContext {
         CallContext {
             caps,
+            fence: None,
             stream,
             sequence,
             publishes: 0,
-            pending: Vec::new(),
+            staged: Vec::new(),
             log_used: 0,
             log_dropped: 0,
+            kv_written: Vec::new(),
         }
     }
 
-    /// The publishes this call made, to be confirmed before the input is acked.
-    pub fn into_pending(self) -> Vec<PendingPublish> {
-        self.pending
+    /// Refuses this call's KV writes once `fence` stops holding (the host lost the lease of
+    /// the message's partition: another host may be running the key now).
+    pub fn fenced_by(mut self, fence: Option<Arc<Fence>>) -> CallContext {
+        self.fence = fence;
+        self
     }
 
-    /// Takes the publishes made so far (to confirm them), leaving none.
-    pub fn take_pending(&mut self) -> Vec<PendingPublish> {
-        std::mem::take(&mut self.pending)
+    /// `Err` once the fence stopped holding.
+    pub(super) fn check_fence(&self) -> Result<(), KvError> {
+        match &self.fence {
+            Some(fence) if !fence.holds(std::time::Instant::now()) => Err(KvError::Unavailable(
+                "this host lost the lease of the message's partition; the write was not made"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The publishes this call staged, to be sent if it succeeds.
+    pub fn into_staged(self) -> Vec<Outbound> {
+        self.staged
+    }
+
+    /// Takes the publishes staged so far, leaving none.
+    pub fn take_staged(&mut self) -> Vec<Outbound> {
+        std::mem::take(&mut self.staged)
     }
 
     /// How many publishes this call made.
@@ -218,6 +294,18 @@ impl publish::Host for CallContext {
                 }
             }
         }
+        // Carry the handler call's trace context on, unless the guest set its own.
+        if !pairs
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case(crate::trace::TRACEPARENT))
+        {
+            crate::trace::outgoing(|o| {
+                pairs.push((crate::trace::TRACEPARENT.to_owned(), o.traceparent.clone()));
+                if let Some(state) = &o.tracestate {
+                    pairs.push((crate::trace::TRACESTATE.to_owned(), state.clone()));
+                }
+            });
+        }
         let index = self.publishes;
         self.publishes += 1;
         let msg_id = msg_id.unwrap_or_else(|| {
@@ -231,99 +319,13 @@ impl publish::Host for CallContext {
         if size > max {
             return Ok(Err(PublishError::TooLarge(max as u64)));
         }
-        let outbound = Outbound {
+        self.staged.push(Outbound {
             subject,
-            payload,
+            payload: payload.into(),
             headers: pairs,
             msg_id,
-        };
-        match self.caps.backend.publish(outbound).await {
-            Ok(pending) => {
-                self.pending.push(pending);
-                Ok(Ok(()))
-            }
-            Err(err) => Ok(Err(err)),
-        }
-    }
-}
-
-impl kv::Host for CallContext {
-    async fn get(
-        &mut self,
-        bucket: String,
-        key: String,
-    ) -> wasmtime::Result<Result<Option<Vec<u8>>, KvError>> {
-        if let Err(err) = self.check_kv(&bucket, &key) {
-            return Ok(Err(err));
-        }
-        Ok(self.caps.backend.kv_get(&bucket, &key).await)
-    }
-
-    async fn put(
-        &mut self,
-        bucket: String,
-        key: String,
-        value: Vec<u8>,
-    ) -> wasmtime::Result<Result<u64, KvError>> {
-        if let Err(err) = self.check_kv(&bucket, &key) {
-            return Ok(Err(err));
-        }
-        let max = self.caps.backend.max_payload();
-        if value.len() + key.len() + 64 > max {
-            return Ok(Err(KvError::TooLarge(max as u64)));
-        }
-        Ok(self.caps.backend.kv_put(&bucket, &key, value).await)
-    }
-
-    async fn delete(
-        &mut self,
-        bucket: String,
-        key: String,
-    ) -> wasmtime::Result<Result<(), KvError>> {
-        if let Err(err) = self.check_kv(&bucket, &key) {
-            return Ok(Err(err));
-        }
-        Ok(self.caps.backend.kv_delete(&bucket, &key).await)
-    }
-}
-
-impl CallContext {
-    fn check_kv(&self, bucket: &str, key: &str) -> Result<(), KvError> {
-        if !self.caps.grants.may_use_bucket(bucket) {
-            self.deny("KV bucket", bucket);
-            return Err(KvError::Denied(bucket.to_owned()));
-        }
-        if !subject::is_valid_kv_key(key) {
-            return Err(KvError::InvalidKey(key.to_owned()));
-        }
-        Ok(())
-    }
-}
-
-impl log::Host for CallContext {
-    fn log(&mut self, level: log::Level, message: String) -> wasmtime::Result<()> {
-        if self.log_used + message.len() > self.caps.log_budget {
-            if self.log_dropped == 0 {
-                tracing::warn!(
-                    handler = %self.caps.name,
-                    budget = self.caps.log_budget,
-                    "handler log budget for this message used up; dropping further records"
-                );
-            }
-            self.log_dropped += 1;
-            HandlerMetrics::incr(&self.caps.metrics.log_dropped);
-            return Ok(());
-        }
-        self.log_used += message.len();
-        let handler = &*self.caps.name;
-        match level {
-            log::Level::Trace => tracing::trace!(target: "mailroom::guest", handler, "{message}"),
-            log::Level::Debug => tracing::debug!(target: "mailroom::guest", handler, "{message}"),
-            log::Level::Info => tracing::info!(target: "mailroom::guest", handler, "{message}"),
-            log::Level::Warn => tracing::warn!(target: "mailroom::guest", handler, "{message}"),
-            log::Level::Error => tracing::error!(target: "mailroom::guest", handler, "{message}"),
-        }
-        Ok(())
+        });
+        Ok(Ok(()))
     }
 }
 
@@ -334,11 +336,11 @@ impl config::Host for CallContext {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use publish::Host as _;
 
-    fn caps(backend: Arc<MemoryBackend>) -> Arc<HandlerCaps> {
+    pub(super) fn caps(backend: Arc<MemoryBackend>) -> Arc<HandlerCaps> {
         Arc::new(HandlerCaps {
             name: "h".into(),
             grants: Grants {
@@ -379,22 +381,20 @@ mod tests {
         let limited = call.publish("out.b".into(), vec![], vec![]).await.unwrap();
         assert!(matches!(limited, Err(PublishError::LimitReached(2))));
         assert_eq!(call.publish_count(), 2);
-        let recorded = backend.recorded();
-        assert_eq!(recorded.len(), 1);
-        match &recorded[0] {
-            Recorded::Publish(out) => {
-                assert_eq!(out.subject, "out.a");
-                assert_eq!(out.msg_id, "h:S:7:1");
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        assert_eq!(call.into_pending().len(), 1);
+        assert!(
+            backend.recorded().is_empty(),
+            "nothing leaves the host during the call"
+        );
+        let staged = call.into_staged();
+        assert_eq!(staged.len(), 1);
+        assert_eq!(staged[0].subject, "out.a");
+        assert_eq!(staged[0].msg_id, "h:S:7:1");
     }
 
     #[tokio::test]
     async fn guest_msg_id_wins_and_headers_flatten() {
         let backend = Arc::new(MemoryBackend::new(1 << 20));
-        let mut call = CallContext::new(caps(backend.clone()), "S".into(), 1);
+        let mut call = CallContext::new(caps(backend), "S".into(), 1);
         let headers = vec![
             publish::Header {
                 name: "Nats-Msg-Id".into(),
@@ -409,69 +409,15 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        match &backend.recorded()[0] {
-            Recorded::Publish(out) => {
-                assert_eq!(out.msg_id, "mine");
-                assert_eq!(
-                    out.headers,
-                    [
-                        ("X".to_owned(), "1".to_owned()),
-                        ("X".to_owned(), "2".to_owned())
-                    ]
-                );
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn kv_checks_grant_and_key() {
-        use kv::Host as _;
-        let backend = Arc::new(MemoryBackend::new(1 << 20));
-        let mut call = CallContext::new(caps(backend), "S".into(), 1);
-        let denied = call.get("secrets".into(), "k".into()).await.unwrap();
-        assert!(matches!(denied, Err(KvError::Denied(b)) if b == "secrets"));
-        let bad = call
-            .put("counts".into(), "a b".into(), vec![])
-            .await
-            .unwrap();
-        assert!(matches!(bad, Err(KvError::InvalidKey(_))));
+        let out = &call.into_staged()[0];
+        assert_eq!(out.msg_id, "mine");
         assert_eq!(
-            call.put("counts".into(), "a".into(), b"1".to_vec())
-                .await
-                .unwrap()
-                .unwrap(),
-            1
+            out.headers,
+            [
+                ("X".to_owned(), "1".to_owned()),
+                ("X".to_owned(), "2".to_owned())
+            ]
         );
-        assert_eq!(
-            call.get("counts".into(), "a".into())
-                .await
-                .unwrap()
-                .unwrap(),
-            Some(b"1".to_vec())
-        );
-        call.delete("counts".into(), "a".into())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            call.get("counts".into(), "a".into())
-                .await
-                .unwrap()
-                .unwrap(),
-            None
-        );
-    }
-
-    #[test]
-    fn log_budget_drops_and_counts() {
-        use log::Host as _;
-        let caps = caps(Arc::new(MemoryBackend::new(1)));
-        let mut call = CallContext::new(caps.clone(), "S".into(), 1);
-        call.log(log::Level::Info, "12345".into()).unwrap();
-        call.log(log::Level::Info, "12345".into()).unwrap();
-        call.log(log::Level::Info, "x".into()).unwrap();
-        assert_eq!(caps.metrics.snapshot().log_dropped, 1);
     }
 
     #[test]

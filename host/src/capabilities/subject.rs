@@ -83,6 +83,37 @@ impl SubjectPattern {
     pub fn as_str(&self) -> &str {
         &self.pattern
     }
+
+    /// Whether some concrete subject matches both patterns.
+    pub fn overlaps(&self, other: &SubjectPattern) -> bool {
+        let mut a = self.pattern.split('.');
+        let mut b = other.pattern.split('.');
+        loop {
+            match (a.next(), b.next()) {
+                (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+                (Some("*"), Some(_)) | (Some(_), Some("*")) => {}
+                (Some(x), Some(y)) if x == y => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
+    /// Whether every subject this pattern matches is matched by `other` too.
+    pub fn within(&self, other: &SubjectPattern) -> bool {
+        let mut a = self.pattern.split('.');
+        let mut b = other.pattern.split('.');
+        loop {
+            match (a.next(), b.next()) {
+                (Some(_), Some(">")) => return true,
+                (Some(">"), _) => return false,
+                (Some(_), Some("*")) => {}
+                (Some(x), Some(y)) if x == y => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
 }
 
 impl fmt::Display for SubjectPattern {
@@ -122,6 +153,23 @@ mod tests {
         let p = SubjectPattern::parse("exact.subject").unwrap();
         assert!(p.matches("exact.subject"));
         assert!(!p.matches("exact.subjects"));
+    }
+
+    #[test]
+    fn overlap_and_containment() {
+        let p = |s: &str| SubjectPattern::parse(s).unwrap();
+        assert!(p("orders.>").overlaps(&p("orders.eu")));
+        assert!(p("orders.*").overlaps(&p("*.eu")));
+        assert!(!p("orders.*").overlaps(&p("orders.eu.x")));
+        assert!(!p("orders.>").overlaps(&p("dlq.>")));
+        assert!(p(">").overlaps(&p("a.b")));
+        assert!(p("orders.eu").within(&p("orders.*")));
+        assert!(p("orders.eu.x").within(&p("orders.>")));
+        assert!(p("orders.*.x").within(&p("orders.>")));
+        assert!(!p("orders.>").within(&p("orders.*")));
+        assert!(!p("orders.*").within(&p("orders.eu")));
+        assert!(!p("orders").within(&p("orders.>")));
+        assert!(p("orders.>").within(&p(">")));
     }
 
     #[test]

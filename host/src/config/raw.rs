@@ -21,12 +21,31 @@ pub struct RawConfig {
     pub buckets: Vec<RawBucket>,
     #[serde(default, rename = "handler")]
     pub handlers: Vec<RawHandler>,
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
+    #[serde(default)]
+    pub deploy: RawDeploy,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeploy {
+    pub watch: Option<bool>,
+    pub handlers: Option<Vec<String>>,
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub publish: RawGrant,
+    #[serde(default)]
+    pub kv: RawGrant,
+    pub max_memory: Option<String>,
+    pub instances: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawNats {
     pub url: Option<String>,
+    pub connect_timeout: Option<String>,
     pub name: Option<String>,
     pub credentials: Option<PathBuf>,
     pub nkey_seed_file: Option<PathBuf>,
@@ -48,11 +67,22 @@ pub struct RawTls {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHost {
+    pub id: Option<String>,
+    pub lease_ttl: Option<String>,
     pub drain_timeout: Option<String>,
     pub cache_dir: Option<PathBuf>,
     pub cache: Option<bool>,
     pub epoch_tick: Option<String>,
     pub metrics_addr: Option<String>,
+    pub on_handler_error: Option<String>,
+    pub summary_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,6 +112,8 @@ pub struct RawHandler {
     pub module: PathBuf,
     pub stream: String,
     pub consumer: Option<String>,
+    pub consumer_kind: Option<String>,
+    pub deliver_group: Option<String>,
     pub subjects: Option<Vec<String>>,
     pub concurrency: Option<u32>,
     pub min_workers: Option<u32>,
@@ -98,8 +130,11 @@ pub struct RawHandler {
     pub reuse_limit: Option<u32>,
     pub ack_wait: Option<String>,
     pub dead_letter: Option<String>,
+    pub partitions: Option<u32>,
     #[serde(default)]
     pub retry: RawRetry,
+    #[serde(default)]
+    pub breaker: RawBreaker,
     #[serde(default)]
     pub limits: RawLimits,
     #[serde(default)]
@@ -119,6 +154,14 @@ pub struct RawRetry {
     pub max: Option<String>,
     pub multiplier: Option<f64>,
     pub jitter: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    pub trip_after: Option<u32>,
+    pub first_probe: Option<String>,
+    pub max_probe: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,4 +1,10 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
 use super::*;
+use crate::backoff::{Backoff, OnExhausted, RetryPolicy};
+use crate::ordering::{MissingKey, Ordering};
+use crate::runtime::Limits;
 
 const MINIMAL: &str = r#"
 [[handler]]
@@ -28,8 +34,11 @@ fn minimal_config_gets_defaults() {
     assert_eq!(h.on_exhausted, OnExhausted::DeadLetter);
     assert_eq!(
         (h.max_buffered, h.max_keys, h.prefetch, h.max_ack_pending),
-        (1000, 1000, 1000, 10_000)
+        (1000, 1000, None, 10_000)
     );
+    assert_eq!(h.partitions, None);
+    assert_eq!(h.breaker.trip_after, 20);
+    assert_eq!(c.host.lease_ttl, Duration::from_secs(10));
     assert_eq!(h.ack_wait, Duration::from_secs(30));
     assert_eq!(h.retry, RetryPolicy::default());
     assert_eq!(h.limits, Limits::default());
@@ -42,12 +51,16 @@ fn minimal_config_gets_defaults() {
 
 #[test]
 fn full_handler_config() {
-    let c = parse(
+    // Credential and CA files must exist: they are checked when the config is read.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("user.creds"), "creds").unwrap();
+    std::fs::write(dir.path().join("ca.pem"), "pem").unwrap();
+    let c = Config::parse(
         r#"
 [nats]
 url = "nats://a:4222,nats://b:4222"
 credentials = "user.creds"
-tls = { ca = "/pki/ca.pem" }
+tls = { ca = "ca.pem" }
 
 [host]
 drain_timeout = "5s"
@@ -80,15 +93,13 @@ publish = { allow = ["enriched.>"] }
 kv = { allow = ["counts"] }
 config = { output-subject = "enriched.orders" }
 "#,
+        dir.path(),
     )
     .unwrap();
-    assert_eq!(
-        c.nats.credentials,
-        Some(PathBuf::from("/etc/mailroom/user.creds"))
-    );
+    assert_eq!(c.nats.credentials, Some(dir.path().join("user.creds")));
     assert_eq!(
         c.nats.tls.as_ref().unwrap().ca,
-        Some(PathBuf::from("/pki/ca.pem"))
+        Some(dir.path().join("ca.pem"))
     );
     assert!(c.host.cache_dir.is_none());
     assert_eq!(c.streams[0].duplicate_window, Duration::from_secs(300));
@@ -233,4 +244,285 @@ fn secrets_are_not_in_debug_output() {
     assert!(!shown.contains("hunter2"), "{shown}");
     let c = parse(&format!("[nats]\ntoken = \"s3cret\"\n{MINIMAL}")).unwrap();
     assert!(!format!("{c:?}").contains("s3cret"));
+}
+
+#[test]
+fn partitions_need_an_ordering_by_subject() {
+    let with = |extra: &str| format!("{MINIMAL}partitions = 16\n{extra}");
+    let c = parse(&with("")).unwrap();
+    assert_eq!(c.handlers[0].partitions, Some(16));
+    assert!(parse(&with("ordering = \"subject-tokens:2..3\"")).is_ok());
+    let header = error(&with("ordering = \"header:Order-Key\""));
+    assert!(
+        header.contains("the server computes a message's partition from its subject")
+            && header.contains("subject-tokens"),
+        "{header}"
+    );
+    let none = error(&with("ordering = \"none\""));
+    assert!(none.contains("remove partitions"), "{none}");
+    assert!(error(&format!("{MINIMAL}partitions = 0")).contains("between 1 and 1024"));
+    assert!(error(&format!("{MINIMAL}partitions = 1025")).contains("between 1 and 1024"));
+}
+
+#[test]
+fn push_queue_needs_a_deliver_group_and_no_partitions() {
+    let with = |extra: &str| format!("{MINIMAL}{extra}");
+    assert_eq!(
+        parse(MINIMAL).unwrap().handlers[0].consumer_kind,
+        ConsumerKind::Pull
+    );
+    let c = parse(&with(
+        "consumer_kind = \"push-queue\"\ndeliver_group = \"workers\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.handlers[0].consumer_kind,
+        ConsumerKind::PushQueue {
+            deliver_group: "workers".into()
+        }
+    );
+    let missing = error(&with("consumer_kind = \"push-queue\""));
+    assert!(missing.contains("needs deliver_group"), "{missing}");
+    let stray = error(&with("deliver_group = \"workers\""));
+    assert!(
+        stray.contains("add consumer_kind = \"push-queue\""),
+        "{stray}"
+    );
+    let partitioned = error(&with(
+        "consumer_kind = \"push-queue\"\ndeliver_group = \"workers\"\npartitions = 4",
+    ));
+    assert!(
+        partitioned.contains("cannot use a push consumer"),
+        "{partitioned}"
+    );
+    let bad = error(&with("consumer_kind = \"push\""));
+    assert!(bad.contains("\"pull\" or \"push-queue\""), "{bad}");
+    let dotted = error(&with(
+        "consumer_kind = \"push-queue\"\ndeliver_group = \"a.b\"",
+    ));
+    assert!(dotted.contains("one token"), "{dotted}");
+}
+
+#[test]
+fn breaker_and_host_lease_settings_are_checked() {
+    let c = parse(&format!(
+        "[host]\nid = \"edge-1\"\nlease_ttl = \"20s\"\n{MINIMAL}breaker = {{ trip_after = 5, first_probe = \"2s\", max_probe = \"30s\" }}\n"
+    ))
+    .unwrap();
+    assert_eq!(c.host.id.as_deref(), Some("edge-1"));
+    assert_eq!(c.host.lease_ttl, Duration::from_secs(20));
+    let b = c.handlers[0].breaker;
+    assert_eq!(
+        (b.trip_after, b.first_probe, b.max_probe),
+        (5, Duration::from_secs(2), Duration::from_secs(30))
+    );
+    assert!(error(&format!(
+        "{MINIMAL}breaker = {{ first_probe = \"1m\", max_probe = \"1s\" }}"
+    ))
+    .contains("breaker.first_probe"));
+    assert!(error(&format!("[host]\nlease_ttl = \"1s\"\n{MINIMAL}")).contains("lease_ttl"));
+    assert!(error(&format!("[host]\nid = \"a b\"\n{MINIMAL}")).contains("host: id"));
+}
+
+const WITH_STREAM: &str = r#"
+[[stream]]
+name = "ORDERS"
+subjects = ["orders.>"]
+
+[[stream]]
+name = "DLQ"
+subjects = ["dlq.>"]
+
+[[handler]]
+name = "enrich"
+module = "enrich.wasm"
+stream = "ORDERS"
+"#;
+
+#[test]
+fn a_dead_letter_subject_that_feeds_the_handler_is_refused() {
+    let looped = error(&format!("{WITH_STREAM}dead_letter = \"orders.dead\"\n"));
+    assert!(
+        looped.contains("captured by its own stream ORDERS") && looped.contains("a loop"),
+        "{looped}"
+    );
+    // Filtered away from the dead-letter subject: no loop.
+    assert!(parse(&format!(
+        "{WITH_STREAM}dead_letter = \"orders.dead\"\nsubjects = [\"orders.eu.>\"]\n"
+    ))
+    .is_ok());
+    assert!(parse(&format!("{WITH_STREAM}dead_letter = \"dlq.enrich\"\n")).is_ok());
+}
+
+#[test]
+fn a_filter_outside_the_stream_and_overlapping_streams_are_refused() {
+    let outside = error(&format!("{WITH_STREAM}subjects = [\"payments.>\"]\n"));
+    assert!(
+        outside.contains("matches none of stream ORDERS"),
+        "{outside}"
+    );
+    let overlapping = error(&format!(
+        "[[stream]]\nname = \"A\"\nsubjects = [\"x.>\"]\n[[stream]]\nname = \"B\"\nsubjects = [\"x.y\"]\n{MINIMAL}"
+    ));
+    assert!(
+        overlapping.contains("streams \"A\" and \"B\" both capture"),
+        "{overlapping}"
+    );
+}
+
+#[test]
+fn settings_without_effect_are_warned_about() {
+    let c = parse(&format!(
+        "{WITH_STREAM}prefetch = 10\nkv = {{ allow = [\"nowhere\"] }}\ndead_letter = \"elsewhere.x\"\nlimits = {{ max_publishes = 0 }}\n"
+    ))
+    .unwrap();
+    let all = c.warnings.join("\n");
+    for expected in [
+        "prefetch has no effect on an ordered handler",
+        "bucket \"nowhere\", which no [[bucket]] declares",
+        "dead_letter \"elsewhere.x\" is captured by no [[stream]]",
+        "max_publishes = 0 refuses every publish",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+    assert!(parse(WITH_STREAM).unwrap().warnings.is_empty());
+}
+
+#[test]
+fn server_lists_addresses_and_files_are_checked_up_front() {
+    let c = parse(&format!(
+        "[nats]\nurl = \"nats://a:4222, nats://b:4223\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(server_addrs(&c.nats.url).unwrap().len(), 2);
+    assert!(error(&format!("[nats]\nurl = \"http://a:4222\"\n{MINIMAL}")).contains("scheme"));
+    assert!(error(&format!("[nats]\nurl = \"nats://a:99999\"\n{MINIMAL}")).contains("nats.url"));
+    let missing = error(&format!("[nats]\ncredentials = \"nope.creds\"\n{MINIMAL}"));
+    assert!(
+        missing.contains("nats.credentials") && missing.contains("does not exist"),
+        "{missing}"
+    );
+    assert!(
+        error(&format!("[host]\nmetrics_addr = \"localhost\"\n{MINIMAL}")).contains("metrics_addr")
+    );
+    let c = parse(&format!("[nats]\nconnect_timeout = \"0s\"\n{MINIMAL}")).unwrap();
+    assert_eq!(c.nats.connect_timeout, None, "0 waits forever");
+}
+
+/// The README's configuration reference parses as it is, and with any one commented-out
+/// setting uncommented (the files it names exist).
+#[test]
+fn the_readme_reference_is_valid_with_any_one_line_uncommented() {
+    let readme = include_str!("../../../README.md");
+    let start = readme
+        .find("```toml\n[nats]")
+        .expect("the README has a configuration reference");
+    let block = &readme[start + 8..];
+    let block = &block[..block.find("```").expect("the block ends")];
+    let dir = tempfile::tempdir().unwrap();
+    for file in [
+        "user.creds",
+        "user.nk",
+        "ca.pem",
+        "client.pem",
+        "client-key.pem",
+    ] {
+        std::fs::write(dir.path().join(file), "x").unwrap();
+    }
+    let lines: Vec<&str> = block.lines().collect();
+    Config::parse(block, dir.path()).unwrap_or_else(|e| panic!("the reference: {e:#}"));
+    let mut tried = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let Some(setting) = line.trim_start().strip_prefix("# ") else {
+            continue;
+        };
+        if !setting.contains(" = ") || setting.starts_with("One ") {
+            continue;
+        }
+        let mut text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        text[i] = setting.to_owned();
+        let text = text.join("\n");
+        // `user` and `password` go together.
+        let text = text
+            .replace(
+                "# user = \"alice\"",
+                if setting.starts_with("password") {
+                    "user = \"alice\""
+                } else {
+                    "# user = \"alice\""
+                },
+            )
+            .replace(
+                "# password = \"s3cret\"",
+                if setting.starts_with("user") {
+                    "password = \"s3cret\""
+                } else {
+                    "# password = \"s3cret\""
+                },
+            );
+        // So do `consumer_kind = "push-queue"` and `deliver_group`.
+        let pair = |other: &str| {
+            if setting.starts_with("consumer_kind") || setting.starts_with("deliver_group") {
+                other.trim_start_matches("# ").to_owned()
+            } else {
+                other.to_owned()
+            }
+        };
+        let text = text
+            .replace(
+                "# consumer_kind = \"push-queue\"",
+                &pair("# consumer_kind = \"push-queue\""),
+            )
+            .replace(
+                "# deliver_group = \"enrich-workers\"",
+                &pair("# deliver_group = \"enrich-workers\""),
+            );
+        Config::parse(&text, dir.path())
+            .unwrap_or_else(|e| panic!("uncommenting {setting:?} breaks the reference: {e:#}"));
+        tried += 1;
+    }
+    assert!(tried > 30, "only {tried} settings found");
+}
+
+#[test]
+fn operating_keys_default_and_are_checked() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.host.on_handler_error, OnHandlerError::Retry);
+    assert_eq!(c.host.summary_interval, Some(Duration::from_secs(30)));
+    assert_eq!(c.telemetry, TelemetryConfig::default());
+
+    let c = parse(&format!(
+        "[host]\non_handler_error = \"exit\"\nsummary_interval = \"0s\"\n\
+         [telemetry]\notlp_endpoint = \"http://otel:4318\"\nservice_name = \"orders\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(c.host.on_handler_error, OnHandlerError::Exit);
+    assert_eq!(c.host.summary_interval, None, "0s turns the summary off");
+    assert_eq!(
+        c.telemetry.otlp_endpoint.as_deref(),
+        Some("http://otel:4318/v1/traces")
+    );
+    assert_eq!(c.telemetry.service_name.as_deref(), Some("orders"));
+
+    for (text, expected) in [
+        (
+            "[host]\non_handler_error = \"ignore\"\n",
+            "on_handler_error must be \"exit\", \"retry\" or \"continue\", got \"ignore\"",
+        ),
+        (
+            "[host]\nsummary_interval = \"10ms\"\n",
+            "summary_interval must be at least 100ms",
+        ),
+        (
+            "[telemetry]\notlp_endpoint = \"https://otel:4318\"\n",
+            "telemetry: otlp_endpoint: \"https://otel:4318\" uses https",
+        ),
+        (
+            "[telemetry]\nendpoint = \"x\"\n",
+            "unknown field `endpoint`",
+        ),
+    ] {
+        let err = error(&format!("{text}{MINIMAL}"));
+        assert!(err.contains(expected), "{text}: {err}");
+    }
 }

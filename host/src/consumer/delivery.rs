@@ -12,13 +12,26 @@ use bytes::Bytes;
 use crate::runtime::HeaderParam;
 
 /// A message as delivered by a pull request, with its delivery metadata parsed once.
+///
+/// A message of a partition work stream (see `group::workstream`) is a copy of a message of
+/// the handler's stream: its subject is prefixed with the partition token and a
+/// `Nats-Stream-Source` header names the original sequence. [`Delivery::subject`] and
+/// [`Delivery::origin_sequence`] then give the original's, which is what the handler sees and
+/// what output ids and dead-letter records name; `stream_sequence` stays the work stream's,
+/// which is what acknowledgements and the executor go by.
 pub struct Delivery {
     /// The message (subject, payload, headers) as it came off the wire.
     pub message: async_nats::Message,
     /// Where acknowledgements go.
     reply: Subject,
-    /// The stream sequence: the message's identity.
+    /// The sequence in the stream the consumer reads: the delivery's identity.
     pub stream_sequence: u64,
+    /// The sequence in the handler's stream (equal to `stream_sequence` unless sourced).
+    pub origin_sequence: u64,
+    /// Where the original subject starts in `message.subject` (after a partition token).
+    subject_start: usize,
+    /// Whether the message is a sourced copy (its `Nats-Stream-Source` header is hidden).
+    sourced: bool,
     /// Delivery attempt according to JetStream, 1-based.
     pub delivered: u32,
     /// The consumer's pending count when this was delivered (a free backlog signal).
@@ -31,9 +44,13 @@ pub struct Delivery {
 #[derive(Debug)]
 pub struct NotJetStream(pub String);
 
+/// The header a sourcing stream adds: `<stream> <sequence> <filter> <transform> <subject> ..`.
+const STREAM_SOURCE: &str = "Nats-Stream-Source";
+
 impl Delivery {
     /// Parses the delivery metadata from the reply subject of a message from a pull request.
-    pub fn parse(message: async_nats::Message) -> Result<Delivery, NotJetStream> {
+    /// `sourced`: the consumer reads a partition work stream (see the type's documentation).
+    pub fn parse(message: async_nats::Message, sourced: bool) -> Result<Delivery, NotJetStream> {
         let Some(reply) = message.reply.clone() else {
             return Err(NotJetStream(format!(
                 "message on {} has no reply subject",
@@ -45,10 +62,32 @@ impl Delivery {
                 "reply subject {reply} is not a JetStream ack subject"
             ))
         })?;
+        let (origin_sequence, subject_start) = if sourced {
+            let origin = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(STREAM_SOURCE))
+                .and_then(|v| v.as_str().split_whitespace().nth(1)?.parse::<u64>().ok());
+            let start = message.subject.find('.').map_or(0, |i| i + 1);
+            match origin {
+                Some(seq) => (seq, start),
+                None => {
+                    return Err(NotJetStream(format!(
+                        "message {} of a partition work stream has no {STREAM_SOURCE} header",
+                        info.stream_sequence
+                    )))
+                }
+            }
+        } else {
+            (info.stream_sequence, 0)
+        };
         Ok(Delivery {
             message,
             reply,
             stream_sequence: info.stream_sequence,
+            origin_sequence,
+            subject_start,
+            sourced,
             delivered: info.delivered,
             pending: info.pending,
             published_unix_nanos: info.published_unix_nanos,
@@ -57,12 +96,24 @@ impl Delivery {
 
     /// The subject the producer published to.
     pub fn subject(&self) -> &str {
-        &self.message.subject
+        &self.message.subject[self.subject_start..]
     }
 
     /// The first value of header `name`.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.message.headers.as_ref()?.get(name).map(|v| v.as_str())
+    }
+
+    /// The message's headers as the producer set them (without the source header a work
+    /// stream adds).
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &async_nats::HeaderValue)> {
+        let sourced = self.sourced;
+        self.message
+            .headers
+            .iter()
+            .flat_map(|h| h.iter())
+            .filter(move |(name, _)| !(sourced && AsRef::<str>::as_ref(name) == STREAM_SOURCE))
+            .flat_map(|(name, values)| values.iter().map(move |v| (name.as_ref(), v)))
     }
 
     /// Time since the stream stored the message (zero if the clocks disagree).
@@ -84,6 +135,7 @@ impl Delivery {
             None => Vec::new(),
             Some(headers) => headers
                 .iter()
+                .filter(|(name, _)| !(self.sourced && AsRef::<str>::as_ref(name) == STREAM_SOURCE))
                 .map(|(name, values)| {
                     (
                         name.as_ref(),
@@ -144,37 +196,6 @@ impl Delivery {
                 .await
                 .map_err(|err| AckError(err.to_string()))
         }
-    }
-}
-
-/// A delivery while the host holds it: waiting for its key, running, or waiting to be retried
-/// in place.
-pub struct Job {
-    /// The message.
-    pub delivery: Delivery,
-    /// Attempts made in this host beyond JetStream's delivery count (in-place retries).
-    pub retries: u32,
-    /// When JetStream last heard about this message (delivery, or a progress ack).
-    pub touched: std::time::Instant,
-    /// Set when the ordering key could not be computed and the message goes straight to the
-    /// dead-letter path.
-    pub key_error: Option<String>,
-}
-
-impl Job {
-    /// A job for a fresh delivery.
-    pub fn new(delivery: Delivery) -> Job {
-        Job {
-            delivery,
-            retries: 0,
-            touched: std::time::Instant::now(),
-            key_error: None,
-        }
-    }
-
-    /// The attempt this run is: JetStream's delivery count plus in-place retries.
-    pub fn attempt(&self) -> u32 {
-        self.delivery.delivered.saturating_add(self.retries)
     }
 }
 

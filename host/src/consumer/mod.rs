@@ -1,29 +1,40 @@
-//! The JetStream side of a handler: bind the durable consumer, pull as many messages as the
-//! host can hold, queue them by ordering key, run them on an autoscaled worker pool, keep
-//! waiting messages alive, drain on shutdown.
+//! The JetStream side of a handler: the bindings it pulls (its durable consumer, or the
+//! partitions this host holds), the keyed executor they feed, the autoscaled worker pool that
+//! runs them, the keep-alive sweep, and the drain on shutdown.
 //!
 //! Invariants:
 //! - Only this module acknowledges messages (through [`delivery::Delivery`]).
-//! - A message is acked only after its handler succeeded and every publish it made was
-//!   confirmed ([`worker`]).
-//! - The host holds at most its capacity (ordered: `max_buffered`; unordered: `prefetch` or two
-//!   messages per worker, whichever is more) plus a few after a pull reset. At
-//!   `max_keys` distinct keys it stops pulling (a batch already requested can go past the key
-//!   cap by at most its size). At a cap it stops pulling; it never drops.
+//! - A message is acked only after its handler succeeded and every publish it staged was
+//!   stored ([`worker`], [`outputs`]), and only while its binding's fence holds.
+//! - The host holds at most its capacity (ordered: `max_buffered`; unordered: `prefetch`, by
+//!   default a few messages per worker), shared evenly by its bindings, plus a few after a
+//!   pull reset. At `max_keys` distinct keys, or while the circuit breaker is open, it stops
+//!   pulling; it never drops. (A push consumer, `consumer_kind = "push-queue"`, cannot be
+//!   sized so: the host holds what the server sends, up to the consumer's `max_ack_pending`.)
 //! - No held message goes half an AckWait without JetStream hearing of it: running ones get
 //!   progress acks from their worker, waiting ones from the sweeper (which looks every quarter
 //!   AckWait for messages untouched for a quarter).
-//! - On shutdown it stops pulling at once, hands back (nak, no delay) what it has not started,
-//!   lets running messages finish until the drain deadline, confirms its final acks, and naks
-//!   whatever is still running at the deadline. Nothing is left waiting for AckWait.
+//! - On shutdown it stops pulling at once, hands back (nak, no delay) what it has not started
+//!   (recording in the attempts ledger that those deliveries did not run), lets running
+//!   messages finish until the drain deadline, confirms its final acks, and naks whatever is
+//!   still running at the deadline. Nothing is left waiting for AckWait.
 
+mod attempts;
+pub mod binding;
+mod breaker;
 pub mod delivery;
+mod intake;
+mod job;
+mod outputs;
+mod partition;
 mod puller;
+mod push;
+mod recent;
 pub mod settle;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -34,35 +45,46 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::capabilities::Backend;
 use crate::config::HandlerConfig;
-use crate::executor::{Executor, Pushed, Ticket};
-use crate::ordering::MissingKey;
+use crate::executor::{Executor, Ticket};
 use crate::pool::Pool;
-use crate::runtime::HandlerModule;
+use crate::runtime::{HandlerModule, ModuleSlot, Outcome};
 use crate::scaler::{Observation, Scaler, ScalerConfig};
 use crate::telemetry::HandlerMetrics;
-use delivery::{Delivery, Job};
-use puller::{Pulled, Puller};
+pub use attempts::Attempts;
+use binding::{Binding, Kind};
+pub use breaker::BreakerConfig;
+use breaker::{Admit, Breaker, Change};
+pub use intake::Intake;
+use job::Job;
+pub use partition::{consumer_name as partition_consumer, Attached, Claim, Released};
+use recent::RecentlySettled;
 use worker::Settled;
 
-/// How often the scaler looks and the gauges are refreshed.
-const SCALE_TICK: Duration = Duration::from_millis(250);
+/// How often the scaler looks and the gauges are refreshed: each tick is one measurement
+/// window of the pool size, so a backlog takes about four of them to reach `max_workers`.
+const SCALE_TICK: Duration = Duration::from_millis(100);
 /// How often the consumer's server-side backlog is read (it also comes free with messages).
 const INFO_EVERY: Duration = Duration::from_secs(1);
+/// How long an autoscaled pool holds the size it settled at before probing a larger one.
+const PLATEAU_HOLD: Duration = Duration::from_secs(10);
 
-/// Everything the fetch loop, the workers and the background tasks of one handler share.
+/// Everything the fetch loops, the workers and the background tasks of one handler share.
 pub struct Shared {
     /// Handler name.
     pub name: Arc<str>,
-    /// The loaded module.
-    pub module: HandlerModule,
+    /// The loaded module, replaceable while messages run (a hot swap: see `runtime::slot`).
+    pub module: ModuleSlot,
     /// Its configuration.
     pub config: HandlerConfig,
     /// The NATS connection (acks go through it).
     pub client: Client,
     /// JetStream context (dead-letter publishes, consumer info).
     pub js: jetstream::Context,
-    /// Name of the consumed stream.
+    /// Where staged publishes are sent.
+    pub backend: Arc<dyn Backend>,
+    /// Name of the handler's stream (what the guest sees).
     pub stream: Arc<str>,
     /// Counters.
     pub metrics: Arc<HandlerMetrics>,
@@ -70,11 +92,18 @@ pub struct Shared {
     pub executor: Executor<Job>,
     /// The workers.
     pub pool: Pool,
-    held: AtomicUsize,
-    freed: Notify,
-    /// The fetch loop wants waking once `held` drops to this (a batch's worth of room).
-    wake_at: AtomicUsize,
+    /// Failed executions and hand-backs per message.
+    pub attempts: Attempts,
+    recent: RecentlySettled,
+    breaker: Mutex<Breaker>,
+    breaker_open: AtomicBool,
+    /// Whether the breaker has counted failures since the last success (while not, a success
+    /// needs no lock).
+    failing: AtomicBool,
+    active_bindings: AtomicUsize,
+    breaker_changed: Notify,
     draining: AtomicBool,
+    bindings: Mutex<Vec<Arc<Binding>>>,
     server_pending: AtomicU64,
 }
 
@@ -85,6 +114,8 @@ impl Shared {
         config: HandlerConfig,
         client: Client,
         js: jetstream::Context,
+        backend: Arc<dyn Backend>,
+        attempts: Attempts,
         metrics: Arc<HandlerMetrics>,
     ) -> Shared {
         Shared {
@@ -92,56 +123,192 @@ impl Shared {
             stream: config.stream.as_str().into(),
             pool: Pool::new(config.min_workers, config.max_workers),
             executor: Executor::new(),
-            module,
+            breaker: Mutex::new(Breaker::new(config.breaker)),
+            module: ModuleSlot::new(module),
             config,
             client,
             js,
+            backend,
+            attempts,
             metrics,
-            held: AtomicUsize::new(0),
-            freed: Notify::new(),
-            wake_at: AtomicUsize::new(usize::MAX),
+            recent: RecentlySettled::default(),
+            breaker_open: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
+            active_bindings: AtomicUsize::new(0),
+            breaker_changed: Notify::new(),
             draining: AtomicBool::new(false),
+            bindings: Mutex::new(Vec::new()),
             server_pending: AtomicU64::new(0),
         }
     }
 
-    /// During drain every acknowledgement is confirmed by the server.
-    fn confirm_acks(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+    /// Acknowledgements are confirmed by the server while draining, for a binding whose
+    /// fetch loop stopped (a partition being released: its consumer is deleted next), and
+    /// always on a partition: a plain ack can be lost (a dropped connection, a consumer
+    /// leader change), and if its partition then moves, the next owner runs the message
+    /// again after the key's later ones. A confirmed ack is replicated before the reply, and
+    /// the key's next message starts only after it.
+    fn confirm_acks(&self, binding: &Binding) -> bool {
+        binding.sourced() || self.draining.load(Ordering::Relaxed) || binding.stop.is_cancelled()
     }
 
     fn ordered(&self) -> bool {
         self.config.ordering.is_ordered()
     }
 
-    /// How many messages the host may hold now.
+    /// How many messages the host may hold now, over all its bindings.
     fn capacity(&self) -> usize {
         if self.ordered() {
             // Messages of busy keys wait here while other keys run: buffer up to the cap.
-            self.config.max_buffered
-        } else {
-            // Unordered messages never wait for a key, but fetching only what the workers can
-            // start right away costs a pull round trip per handful of messages: keep
-            // `prefetch` in hand (they are kept alive by progress acks while they wait).
-            (2 * self.pool.target())
-                .max(self.config.prefetch)
-                .min(self.config.max_buffered)
+            return self.config.max_buffered;
+        }
+        // Unordered messages never wait for a key; holding a few per worker hides a pull round
+        // trip without hoarding (another host can take what this one could not start soon).
+        let target = self.pool.target();
+        let wanted = match self.config.prefetch {
+            Some(prefetch) => (2 * target).max(prefetch),
+            None => (8 * target).max(32),
+        };
+        wanted.min(self.config.max_buffered)
+    }
+
+    fn bindings_active(&self) -> usize {
+        self.active_bindings.load(Ordering::Relaxed)
+    }
+
+    fn lock_bindings(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Binding>>> {
+        self.bindings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, binding: &Arc<Binding>) {
+        let mut bindings = self.lock_bindings();
+        bindings.push(binding.clone());
+        self.active_bindings
+            .store(bindings.len(), Ordering::Relaxed);
+    }
+
+    fn unregister(&self, binding: &Arc<Binding>) {
+        let mut bindings = self.lock_bindings();
+        bindings.retain(|b| !Arc::ptr_eq(b, binding));
+        self.active_bindings
+            .store(bindings.len(), Ordering::Relaxed);
+    }
+
+    /// The bindings pulled now (for status and gauges).
+    pub fn bindings(&self) -> Vec<Arc<Binding>> {
+        self.lock_bindings().clone()
+    }
+
+    /// How many messages a binding may request while the breaker is open: none, except one
+    /// when the handler holds nothing (the next probe needs a message).
+    fn breaker_pull_limit(&self) -> Option<usize> {
+        if !self.breaker_open.load(Ordering::Relaxed) {
+            return None;
+        }
+        let held: usize = self.lock_bindings().iter().map(|b| b.held()).sum();
+        Some(usize::from(held == 0))
+    }
+
+    fn lock_breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until the breaker lets this worker start a message (at once while it is closed).
+    async fn breaker_admits(&self) {
+        while self.breaker_open.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed) {
+            let changed = self.breaker_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let admit = self.lock_breaker().admit(Instant::now());
+            match admit {
+                Admit::Run => return,
+                Admit::WaitUntil(at) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                        _ = changed => {}
+                    }
+                }
+                Admit::Hold => changed.await,
+            }
         }
     }
 
-    fn hold(&self) {
-        self.held.fetch_add(1, Ordering::Relaxed);
-        self.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+    /// Tells the breaker how an execution ended. A failure counts toward tripping only when
+    /// `counts` (a message's second or later failed attempt, or its last); while the breaker
+    /// is open every result counts (it is a probe's).
+    fn record_execution(&self, outcome: &Outcome, counts: bool) {
+        let ok = *outcome == Outcome::Success;
+        if !ok && !counts && !self.breaker_open.load(Ordering::Relaxed) {
+            return;
+        }
+        if ok && !self.breaker_open.load(Ordering::Relaxed) {
+            // The common case: a success with the breaker closed only resets the count, and
+            // with no failure counted since the last success there is nothing to reset.
+            if self.failing.swap(false, Ordering::Relaxed) {
+                self.lock_breaker().record(true, Instant::now());
+            }
+            return;
+        }
+        if !ok {
+            self.failing.store(true, Ordering::Relaxed);
+        }
+        let change = self.lock_breaker().record(ok, Instant::now());
+        match change {
+            Some(Change::Opened {
+                next_probe,
+                tripped,
+            }) => {
+                self.breaker_open.store(true, Ordering::Relaxed);
+                self.metrics.breaker_open.store(1, Ordering::Relaxed);
+                self.metrics.lifecycle.trip(format!(
+                    "circuit breaker open after {} failed executions in a row; last error: {}",
+                    self.config.breaker.trip_after,
+                    describe(outcome)
+                ));
+                if tripped {
+                    HandlerMetrics::incr(&self.metrics.breaker_trips);
+                    tracing::error!(
+                        handler = %self.name,
+                        last_error = %describe(outcome),
+                        "circuit breaker OPEN: the last {} executions all failed; pulling stops, \
+                         held messages wait, and one message is tried again in {next_probe:?} \
+                         (then at doubling intervals) until one succeeds",
+                        self.config.breaker.trip_after
+                    );
+                } else {
+                    tracing::warn!(handler = %self.name, last_error = %describe(outcome), "circuit breaker probe failed; next probe in {next_probe:?}");
+                }
+            }
+            Some(Change::Closed) => {
+                self.breaker_open.store(false, Ordering::Relaxed);
+                self.metrics.breaker_open.store(0, Ordering::Relaxed);
+                if !self.draining.load(Ordering::Relaxed) {
+                    self.metrics
+                        .lifecycle
+                        .set(crate::health::HandlerState::Running);
+                }
+                tracing::info!(handler = %self.name, "circuit breaker closed: a probe succeeded; pulling again");
+            }
+            None => return,
+        }
+        self.breaker_changed.notify_waiters();
     }
 
-    fn release(&self) {
-        let held = self.held.fetch_sub(1, Ordering::Relaxed) - 1;
-        self.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-        // Waking the fetch loop for every settled message would cost a task switch each;
-        // it only needs to hear once there is room for a batch.
-        if held <= self.wake_at.load(Ordering::Relaxed) {
-            self.freed.notify_one();
+    /// A message admitted as the breaker's probe ended without running.
+    fn probe_abandoned(&self) {
+        if self.breaker_open.load(Ordering::Relaxed) {
+            self.lock_breaker().probe_abandoned(Instant::now());
+            self.breaker_changed.notify_waiters();
         }
+    }
+}
+
+fn describe(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Success => "none".to_owned(),
+        Outcome::Retry { reason, .. } => format!("retry: {reason}"),
+        Outcome::Reject { reason } => format!("reject: {reason}"),
+        Outcome::Failed(f) => format!("{}: {}", f.kind.as_str(), f.reason),
     }
 }
 
@@ -158,6 +325,9 @@ pub async fn ensure_consumer(
             config.name, config.stream
         )
     })?;
+    if let crate::config::ConsumerKind::PushQueue { deliver_group } = &config.consumer_kind {
+        return push::ensure(&stream, config, deliver_group).await;
+    }
     let mut cfg = consumer::pull::Config {
         durable_name: Some(config.consumer.clone()),
         description: Some(format!("mailroom handler {}", config.name)),
@@ -185,98 +355,29 @@ pub async fn ensure_consumer(
     Ok(())
 }
 
-/// Runs one handler until `shutdown`, then drains.
-pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken, drain_timeout: Duration) {
-    let abort = CancellationToken::new();
-    let workers = TaskTracker::new();
-    spawn_workers(&shared, &workers, &abort);
-    let background = CancellationToken::new();
-    let aux = TaskTracker::new();
-    aux.spawn(scale(
-        shared.clone(),
-        workers.clone(),
-        abort.clone(),
-        background.clone(),
-    ));
-    aux.spawn(sweep(shared.clone(), background.clone()));
-    aux.close();
-
-    let mut puller = loop {
-        match Puller::new(&shared.client, &shared.stream, &shared.config.consumer).await {
-            Ok(p) => break Some(p),
-            Err(err) => {
-                tracing::warn!(handler = %shared.name, "cannot subscribe for pull requests: {err:#}; retrying");
-                if sleep_or_shutdown(Duration::from_secs(1), &shutdown).await {
-                    break None;
-                }
-            }
-        }
-    };
-    if let Some(p) = puller.as_mut() {
-        fetch(&shared, p, &shutdown).await;
-    }
-
-    // Drain: stop pulling, hand back what was not started, let running work finish.
-    shared.draining.store(true, Ordering::Relaxed);
-    tracing::info!(handler = %shared.name, held = shared.held.load(Ordering::Relaxed), "draining");
-    background.cancel();
-    aux.wait().await;
-    shared.executor.close();
-    // Close the pull subscription before handing anything back, so nothing nak'ed is
-    // redelivered to this host's own pull requests; keep what is still on its way.
-    let mut returned = Vec::new();
-    if let Some(p) = puller.as_mut() {
-        let deadline = tokio::time::Instant::now() + puller::EXPIRES;
-        p.close().await;
-        loop {
-            match tokio::time::timeout_at(deadline, p.next()).await {
-                Ok(Pulled::Message(message)) => returned.extend(Delivery::parse(message).ok()),
-                Ok(Pulled::Closed) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    }
-    for delivery in &returned {
-        worker::nak_now(&shared, delivery).await;
-    }
-    for job in shared.executor.take_waiting() {
-        worker::nak_now(&shared, &job.delivery).await;
-        shared.release();
-    }
-    workers.close();
-    if tokio::time::timeout(drain_timeout, workers.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(handler = %shared.name, "drain timeout reached; handing back running messages");
-        abort.cancel();
-        workers.wait().await;
-    }
-    if let Err(err) = shared.client.flush().await {
-        tracing::warn!("final flush failed: {err}");
-    }
-    tracing::info!(handler = %shared.name, "drained");
-}
-
 /// Spawns workers until the pool reaches its target.
 fn spawn_workers(shared: &Arc<Shared>, workers: &TaskTracker, abort: &CancellationToken) {
     for _ in 0..shared.pool.claim_spawns() {
-        workers.spawn(work(shared.clone(), abort.clone()));
+        workers.spawn(work(shared.clone(), abort.clone(), workers.clone()));
     }
 }
 
 /// One worker: takes the next runnable message, runs and settles it, until retired or closed.
-async fn work(shared: Arc<Shared>, abort: CancellationToken) {
-    // This worker's warm instance under `isolation = "reuse"`; always empty otherwise.
-    let mut warm = None;
+async fn work(shared: Arc<Shared>, abort: CancellationToken, tasks: TaskTracker) {
+    // This worker's copy of the module, with its warm instance under `isolation = "reuse"`.
+    let mut module = shared.module.load();
     loop {
         if shared.pool.try_retire() {
             return;
         }
+        shared.breaker_admits().await;
         let ticket = tokio::select! {
             biased;
             ticket = shared.executor.next() => ticket,
-            _ = shared.pool.shrunk() => continue,
+            _ = shared.pool.shrunk() => {
+                shared.probe_abandoned();
+                continue;
+            }
         };
         let Some(Ticket {
             key,
@@ -287,11 +388,19 @@ async fn work(shared: Arc<Shared>, abort: CancellationToken) {
             shared.pool.left();
             return;
         };
+        // After a swap, this message and the later ones run on the new module.
+        shared.module.refresh(&mut module);
         let settled = {
             let _busy = shared.pool.busy_guard();
-            worker::process(&shared, &mut job, &mut warm, &abort).await
+            worker::process(&shared, &mut job, &mut module, &abort).await
         };
+        let binding = job.binding.clone();
         match (settled, &key) {
+            (Settled::RetryAt { .. }, _) if binding.stop.is_cancelled() && binding.sourced() => {
+                // Its partition is being released or was fenced: the next owner runs it.
+                shared.executor.done(key.as_ref(), seq);
+                binding.release_one(&shared);
+            }
             (Settled::RetryAt { at, blocked }, Some(key))
                 if !shared.draining.load(Ordering::Relaxed) =>
             {
@@ -301,131 +410,26 @@ async fn work(shared: Arc<Shared>, abort: CancellationToken) {
                 // Draining: the executor no longer runs anything, so hand it back. (`process`
                 // never asks an unordered message to be retried in place; should it, the
                 // message is handed back too rather than lost.)
-                worker::nak_now(&shared, &job.delivery).await;
+                if binding.kind == Kind::Durable {
+                    worker::nak(&shared, &job.delivery, Duration::ZERO, true).await;
+                }
                 shared.executor.done(None, seq);
-                shared.release();
+                binding.release_one(&shared);
             }
-            (Settled::Done, _) => {
+            (Settled::Confirming, _) => {
+                // The key stays taken until the ack is confirmed; the worker moves on. The
+                // workers' tracker owns the task, so a drain waits for it.
+                let (shared, key) = (shared.clone(), key.clone());
+                tasks.spawn(async move {
+                    worker::confirm(&shared, &mut job).await;
+                    shared.executor.done(key.as_ref(), seq);
+                    binding.release_one(&shared);
+                });
+            }
+            (Settled::Done | Settled::Dropped, _) => {
                 shared.executor.done(key.as_ref(), seq);
-                shared.release();
+                binding.release_one(&shared);
             }
-        }
-    }
-}
-
-/// Pulls and dispatches until shutdown.
-async fn fetch(shared: &Arc<Shared>, puller: &mut Puller, shutdown: &CancellationToken) {
-    loop {
-        let capacity = shared.capacity();
-        let held = shared.held.load(Ordering::Relaxed);
-        let mut free = capacity.saturating_sub(held + puller.outstanding());
-        if shared.ordered() && shared.executor.stats().keys >= shared.config.max_keys {
-            free = 0;
-        }
-        // Ask in chunks: a request per freed slot would cost a round trip per message.
-        let min_batch = (capacity / 4).max(1);
-        if free >= min_batch || (free > 0 && puller.outstanding() == 0) {
-            if let Err(err) = puller.request(free).await {
-                tracing::warn!(handler = %shared.name, "pull request failed: {err:#}");
-                if sleep_or_shutdown(Duration::from_secs(1), shutdown).await {
-                    return;
-                }
-                continue;
-            }
-        }
-        // Wake up again once releases leave room for a batch (or for anything, when no
-        // request is out).
-        let room = if puller.outstanding() == 0 {
-            1
-        } else {
-            min_batch
-        };
-        shared.wake_at.store(
-            capacity.saturating_sub(puller.outstanding() + room),
-            Ordering::Relaxed,
-        );
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            pulled = puller.next() => match pulled {
-                Pulled::Message(message) => match Delivery::parse(message) {
-                    Ok(delivery) => dispatch(shared, delivery),
-                    Err(err) => tracing::warn!(handler = %shared.name, "ignoring a message on the pull inbox: {}", err.0),
-                },
-                Pulled::Reset => {}
-                Pulled::Unavailable => {
-                    tracing::warn!(handler = %shared.name, "JetStream did not answer the pull request; retrying in 1s");
-                    if sleep_or_shutdown(Duration::from_secs(1), shutdown).await {
-                        return;
-                    }
-                }
-                Pulled::Fatal(reason) => {
-                    tracing::warn!(handler = %shared.name, %reason, "consumer unusable; binding it again");
-                    loop {
-                        match ensure_consumer(&shared.js, &shared.config).await {
-                            Ok(()) => break,
-                            Err(err) => {
-                                tracing::error!(handler = %shared.name, "{err:#}; retrying in 5s");
-                                if sleep_or_shutdown(Duration::from_secs(5), shutdown).await {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                }
-                Pulled::Closed => {
-                    tracing::error!(handler = %shared.name, "the pull subscription closed; stopping this handler");
-                    return;
-                }
-            },
-            _ = shared.freed.notified() => {}
-        }
-    }
-}
-
-/// Queues a delivery under its ordering key.
-fn dispatch(shared: &Shared, delivery: Delivery) {
-    shared
-        .server_pending
-        .store(delivery.pending, Ordering::Relaxed);
-    let seq = delivery.stream_sequence;
-    let ordering = &shared.config.ordering;
-    let mut job = Job::new(delivery);
-    let fallback = shared.config.on_missing_key == MissingKey::Subject;
-    if let Err(err) = ordering.key(job.delivery.subject(), |name| job.delivery.header(name)) {
-        if !fallback {
-            job.key_error = Some(err.0);
-        }
-    }
-    let pushed = shared.executor.push_with(seq, job, |job| {
-        if job.key_error.is_some() {
-            // Straight to the dead-letter path: it needs no lane.
-            return None;
-        }
-        let d = &job.delivery;
-        match ordering.key(d.subject(), |name| d.header(name)) {
-            Ok(key) => key,
-            Err(_) => Some(d.subject()),
-        }
-    });
-    match pushed {
-        Pushed::Queued { late } => {
-            shared.hold();
-            if late {
-                HandlerMetrics::incr(&shared.metrics.late_redeliveries);
-                tracing::info!(
-                    handler = %shared.name,
-                    stream_seq = seq,
-                    "redelivery of a message whose key already ran a later one; it runs as soon as its key is free"
-                );
-            }
-        }
-        Pushed::Duplicate(job) => {
-            // This host already holds this message (running or waiting); the server sent it
-            // again because it had not heard of it in time. Acks go by stream sequence, so the
-            // held copy settles both deliveries: this one is dropped, the message is not.
-            HandlerMetrics::incr(&shared.metrics.duplicate_deliveries);
-            tracing::debug!(handler = %shared.name, stream_seq = seq, delivered = job.delivery.delivered, "duplicate delivery of a held message ignored");
         }
     }
 }
@@ -444,7 +448,7 @@ async fn sweep(shared: Arc<Shared>, stop: CancellationToken) {
         let now = Instant::now();
         let mut due = Vec::new();
         shared.executor.for_each_waiting(|job| {
-            if now.duration_since(job.touched) >= quarter {
+            if now.duration_since(job.touched) >= quarter && job.binding.fence.holds(now) {
                 job.touched = now;
                 due.push(job.delivery.reply().clone());
             }
@@ -474,7 +478,8 @@ async fn scale(
         min: shared.pool.min(),
         max: shared.pool.max(),
         cooldown: shared.config.scale_cooldown,
-        plateau_hold: Duration::from_secs(10),
+        plateau_hold: PLATEAU_HOLD,
+        cores: crate::cpu::cores(),
     });
     let m = &shared.metrics;
     let mut ticker = tokio::time::interval(SCALE_TICK);
@@ -482,6 +487,8 @@ async fn scale(
     let mut last_info: Option<Instant> = None;
     let mut completed = m.succeeded.load(Ordering::Relaxed);
     let mut failed = m.retried.load(Ordering::Relaxed);
+    // Process-wide: the scaler compares it with the cores to see a CPU-bound pool.
+    let mut cpu = autoscaled.then(crate::cpu::process_time).flatten();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -512,18 +519,21 @@ async fn scale(
         if autoscaled {
             let done_now = m.succeeded.load(Ordering::Relaxed);
             let failed_now = m.retried.load(Ordering::Relaxed);
+            let cpu_now = crate::cpu::process_time();
             let observation = Observation {
                 now,
-                backlog: shared.server_pending.load(Ordering::Relaxed)
+                backlog: backlog(&shared)
                     + (stats.waiting - stats.blocked.min(stats.waiting)) as u64,
                 runnable_keys: shared.ordered().then_some(stats.runnable + stats.running),
                 workers: pool.live(),
                 busy: pool.busy(),
+                ready: stats.runnable,
                 completed: done_now - completed,
                 failed: failed_now - failed,
                 elapsed: now.duration_since(last),
+                cpu: cpu.zip(cpu_now).map(|(a, b)| b.saturating_sub(a)),
             };
-            (completed, failed, last) = (done_now, failed_now, now);
+            (completed, failed, last, cpu) = (done_now, failed_now, now, cpu_now);
             let decision = scaler.decide(&observation);
             m.target_workers
                 .store(decision.target as i64, Ordering::Relaxed);
@@ -546,23 +556,34 @@ async fn scale(
                 .store(pool.target() as i64, Ordering::Relaxed);
         }
         spawn_workers(&shared, &workers, &abort);
+        // Spawned workers count as live at once: show the new size now, not a tick later.
+        m.workers.store(pool.live() as i64, Ordering::Relaxed);
     }
 }
 
-/// The consumer's `num_pending` as the server sees it.
+/// The backlog on the server for this host: the durable consumer's pending count, or the sum
+/// of the owned partitions' pending counts at their last deliveries.
+fn backlog(shared: &Shared) -> u64 {
+    let bindings = shared.bindings();
+    if bindings.iter().any(|b| b.kind == Kind::Durable) {
+        return shared.server_pending.load(Ordering::Relaxed);
+    }
+    bindings
+        .iter()
+        .map(|b| b.pending.load(Ordering::Relaxed))
+        .sum()
+}
+
+/// The durable consumer's `num_pending` as the server sees it (partitions report theirs with
+/// every delivery).
 async fn server_pending(shared: &Shared) -> Option<u64> {
+    if !shared.bindings().iter().any(|b| b.kind == Kind::Durable) {
+        return None;
+    }
     let mut consumer: consumer::PullConsumer = shared
         .js
         .get_consumer_from_stream(&shared.config.consumer, &shared.config.stream)
         .await
         .ok()?;
     consumer.info().await.ok().map(|info| info.num_pending)
-}
-
-/// Sleeps for `d`; returns true if shutdown came first.
-async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => false,
-        _ = shutdown.cancelled() => true,
-    }
 }

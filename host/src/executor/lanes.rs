@@ -329,23 +329,61 @@ impl<T> Lanes<T> {
     /// Removes and returns every waiting item (ready, in backoff, blocked); running items stay
     /// with their workers.
     pub fn take_waiting(&mut self) -> Vec<T> {
-        let held = &mut self.unordered_held;
-        let mut out: Vec<T> = self
-            .unordered
-            .drain(..)
-            .map(|(seq, t)| {
-                held.remove(&seq);
-                t
-            })
-            .collect();
-        for lane in self.lanes.values_mut() {
-            out.extend(lane.items.drain(..).map(|(_, t)| t));
+        self.take_waiting_where(|_| true)
+    }
+
+    /// Removes and returns the waiting items `pick` selects; running items stay with their
+    /// workers. A lane left empty and idle is forgotten; one whose head was taken becomes
+    /// ready for its next item, so nothing left behind waits on a retry that no longer exists.
+    pub fn take_waiting_where(&mut self, mut pick: impl FnMut(&T) -> bool) -> Vec<T> {
+        let mut out = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.unordered.len());
+        for (seq, item) in self.unordered.drain(..) {
+            if pick(&item) {
+                self.unordered_held.remove(&seq);
+                out.push(item);
+            } else {
+                kept.push_back((seq, item));
+            }
         }
-        self.lanes.retain(|_, lane| lane.running.is_some());
+        self.unordered = kept;
+        for (key, lane) in self.lanes.iter_mut() {
+            if !lane.items.iter().any(|(_, item)| pick(item)) {
+                continue;
+            }
+            let head = lane.items.front().map(|(seq, _)| *seq);
+            let mut rest = VecDeque::with_capacity(lane.items.len());
+            for (seq, item) in lane.items.drain(..) {
+                if pick(&item) {
+                    out.push(item);
+                } else {
+                    rest.push_back((seq, item));
+                }
+            }
+            let head_taken = lane.running.is_none() && rest.front().map(|(s, _)| *s) != head;
+            lane.items = rest;
+            if head_taken {
+                // The head was in backoff (or blocked): what remains starts afresh.
+                lane.blocked = false;
+                if !lane.items.is_empty() && lane.state != State::Ready {
+                    lane.state = State::Ready;
+                    self.ready.push_back(key.clone());
+                }
+            }
+        }
+        self.lanes
+            .retain(|_, lane| lane.running.is_some() || !lane.items.is_empty());
+        let lanes = &self.lanes;
+        self.ready.retain(|key| {
+            lanes
+                .get(key)
+                .is_some_and(|lane| lane.state == State::Ready && !lane.items.is_empty())
+        });
+        // A key must appear in the ready queue at most once.
+        let mut seen = HashSet::with_capacity(self.ready.len());
+        self.ready.retain(|key| seen.insert(key.clone()));
         self.blocked = self.lanes.values().filter(|lane| lane.blocked).count();
-        self.ready.clear();
-        self.timers.clear();
-        self.waiting = 0;
+        self.waiting -= out.len();
         out
     }
 

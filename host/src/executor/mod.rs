@@ -150,6 +150,14 @@ impl<T> Executor<T> {
         self.lock().take_waiting()
     }
 
+    /// Removes and returns the waiting items `pick` selects (see [`Lanes::take_waiting_where`]).
+    pub fn take_waiting_where(&self, pick: impl FnMut(&T) -> bool) -> Vec<T> {
+        let taken = self.lock().take_waiting_where(pick);
+        // A lane whose head was taken may have become ready.
+        self.ready.notify_one();
+        taken
+    }
+
     /// Visits every waiting item (to keep it alive with a progress ack, for example).
     pub fn for_each_waiting(&self, f: impl FnMut(&mut T)) {
         self.lock().for_each_waiting(f);

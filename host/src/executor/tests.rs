@@ -326,6 +326,64 @@ fn take_waiting_returns_everything_not_running() {
     assert_eq!(lanes.stats().running, 1);
 }
 
+#[test]
+fn take_waiting_where_takes_only_what_it_picks_and_keeps_lanes_consistent() {
+    // Items are (binding, n): a released partition's waiting messages leave, the rest stay.
+    let mut lanes: Lanes<(u8, u64)> = Lanes::default();
+    let now = Instant::now();
+    lanes.push(Some("a"), 1, (1, 1));
+    lanes.push(Some("a"), 2, (1, 2));
+    lanes.push(Some("b"), 3, (2, 3));
+    lanes.push(Some("b"), 4, (2, 4));
+    lanes.push(Some("c"), 5, (1, 5));
+    lanes.push(None, 6, (1, 6));
+    lanes.push(None, 7, (2, 7));
+    // "a" runs; "b"'s head is retried in backoff.
+    let a = lanes.next(now).unwrap();
+    assert_eq!(a.seq, 6, "unordered first");
+    lanes.done(None, 6);
+    let u = lanes.next(now).unwrap();
+    let a = lanes.next(now).unwrap();
+    assert_eq!(
+        (u.seq, a.seq),
+        (7, 1),
+        "unordered first, then the lanes in turn"
+    );
+    let b = lanes.next(now).unwrap();
+    assert_eq!(b.seq, 3);
+    lanes.retry(
+        b.key.as_ref().unwrap(),
+        3,
+        b.item,
+        now + Duration::from_secs(60),
+        true,
+    );
+    assert_eq!(lanes.stats().blocked, 1);
+    let mut taken = lanes.take_waiting_where(|(binding, _)| *binding == 1);
+    taken.sort_unstable();
+    assert_eq!(taken, [(1, 2), (1, 5)]);
+    let stats = lanes.stats();
+    assert_eq!((stats.waiting, stats.running), (2, 2));
+    assert_eq!(stats.keys, 2, "lane c is gone, a (running) and b stay");
+    // A redelivery of a taken message is a new delivery, not a duplicate.
+    assert_eq!(
+        lanes.push(Some("c"), 5, (3, 5)),
+        Pushed::Queued { late: false }
+    );
+    // Taking b's blocked head in backoff makes its next message ready at once.
+    let taken = lanes.take_waiting_where(|(_, n)| *n == 3);
+    assert_eq!(taken, [(2, 3)]);
+    assert_eq!(lanes.stats().blocked, 0);
+    let mut next: Vec<u64> = std::iter::from_fn(|| lanes.next(now).map(|t| t.seq)).collect();
+    next.sort_unstable();
+    assert_eq!(
+        next,
+        [4, 5],
+        "b's next and c's redelivery run; a's lane still runs 1"
+    );
+    assert!(lanes.next(now).is_none(), "no key runs twice");
+}
+
 #[tokio::test]
 async fn workers_wake_for_pushes_retries_and_close() {
     let ex = Arc::new(Executor::<u64>::new());

@@ -8,11 +8,12 @@ use wasmtime::{ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::mailroom::handler::types::HandlerError;
-use super::bindings::Handler;
+use super::contract::Bound;
 use super::module::HandlerModule;
 use super::stdio::{Capture, Captured};
 use super::GuestMessage;
-use crate::capabilities::{CallContext, PendingPublish};
+use crate::capabilities::{CallContext, Outbound};
+use crate::fence::Fence;
 
 /// Whether each message gets a fresh instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,8 +112,8 @@ impl FailureKind {
 pub struct Invoked {
     /// How it ended.
     pub outcome: Outcome,
-    /// Publishes the call made, to confirm before acking (also present when it failed).
-    pub publishes: Vec<PendingPublish>,
+    /// Publishes the call staged: the consumer sends them only if it succeeded.
+    pub publishes: Vec<Outbound>,
     /// How long the call took, instantiation included.
     pub elapsed: Duration,
 }
@@ -178,7 +179,7 @@ impl ResourceLimiter for MemoryLimiter {
 /// A warm instance kept by one worker between calls under [`Isolation::Reuse`].
 pub struct Warm {
     store: Store<HostState>,
-    handler: Handler,
+    handler: Bound,
     capture: Capture,
     uses: u32,
 }
@@ -198,8 +199,20 @@ impl HandlerModule {
         msg: GuestMessage<'_>,
         stream: Arc<str>,
     ) -> Invoked {
+        self.invoke_fenced(warm, msg, stream, None).await
+    }
+
+    /// [`HandlerModule::invoke`], with the call's KV writes refused once `fence` stops
+    /// holding.
+    pub async fn invoke_fenced(
+        &self,
+        warm: &mut Option<Warm>,
+        msg: GuestMessage<'_>,
+        stream: Arc<str>,
+        fence: Option<Arc<Fence>>,
+    ) -> Invoked {
         let start = Instant::now();
-        let call_state = CallContext::new(self.caps.clone(), stream, msg.sequence);
+        let call_state = CallContext::new(self.caps.clone(), stream, msg.sequence).fenced_by(fence);
         // Taken out for the call, so that a call dropped half-way drops the instance with it.
         let (mut store, capture, handler, uses) = match (self.isolation, warm.take()) {
             (Isolation::Reuse { .. }, Some(w)) => {
@@ -262,8 +275,12 @@ impl HandlerModule {
                 None,
             ),
         };
-        self.log_output(&captured);
-        let publishes = store.data_mut().call.take_pending();
+        // A failure's reason says what happened on one line (a trap's carries the panic
+        // message or the last stderr lines), and the worker logs it once: the raw stderr then
+        // only at debug. A timeout's reason does not, so its stderr stays a warning.
+        let said = matches!(&outcome, Outcome::Failed(f) if f.kind != FailureKind::Timeout);
+        self.log_output(&captured, said);
+        let publishes = store.data_mut().call.take_staged();
         if let (Isolation::Reuse { max_uses }, Some(handler)) = (self.isolation, reusable) {
             if uses + 1 < max_uses {
                 *warm = Some(Warm {
@@ -281,7 +298,7 @@ impl HandlerModule {
         }
     }
 
-    fn new_store(&self, call: CallContext) -> (Store<HostState>, Capture) {
+    pub(super) fn new_store(&self, call: CallContext) -> (Store<HostState>, Capture) {
         let capture = Capture::new(self.limits.output_bytes);
         let wasi = WasiCtxBuilder::new()
             .stdout(capture.stdout())
@@ -304,7 +321,8 @@ impl HandlerModule {
         (store, capture)
     }
 
-    fn log_output(&self, captured: &Captured) {
+    /// Logs what the guest printed; with `said`, its stderr is in the failure's reason already.
+    fn log_output(&self, captured: &Captured, said: bool) {
         if !captured.stdout.is_empty() {
             tracing::info!(
                 target: "mailroom::guest",
@@ -314,7 +332,15 @@ impl HandlerModule {
                 excerpt(&captured.stdout)
             );
         }
-        if !captured.stderr.is_empty() {
+        if said && !captured.stderr.is_empty() {
+            tracing::debug!(
+                target: "mailroom::guest",
+                handler = %self.name,
+                stream = "stderr",
+                "{}",
+                excerpt(&captured.stderr)
+            );
+        } else if !captured.stderr.is_empty() {
             tracing::warn!(
                 target: "mailroom::guest",
                 handler = %self.name,
@@ -356,24 +382,58 @@ fn classify(
             reason: "stack overflow".to_owned(),
         },
         Some(trap) => {
-            let panic = panic_message(&captured.stderr);
+            let said = panic_message(&captured.stderr).or_else(|| last_lines(&captured.stderr));
             Failure {
                 kind: FailureKind::Trap,
-                reason: match panic {
-                    Some(panic) => format!("{trap}: {panic}"),
+                reason: match said {
+                    Some(said) => format!("{trap}: {said}"),
                     None => trap.to_string(),
                 },
             }
         }
         None if instantiating => Failure {
             kind: FailureKind::Instantiate,
-            reason: format!("cannot instantiate: {err:#}"),
+            reason: with_stderr(format!("cannot instantiate: {err:#}"), captured),
         },
         None => Failure {
             kind: FailureKind::Trap,
-            reason: format!("{err:#}"),
+            reason: with_stderr(format!("{err:#}"), captured),
         },
     }
+}
+
+fn with_stderr(reason: String, captured: &Captured) -> String {
+    match last_lines(&captured.stderr) {
+        Some(said) => format!("{reason}: {said}"),
+        None => reason,
+    }
+}
+
+/// The last lines a guest wrote to stderr before failing, on one line: a Python exception or
+/// a JavaScript error is printed there by its runtime (the exception's type and message come
+/// last), so the failure reason and the dead-letter record carry it. At most 5 lines and 480
+/// bytes, cut at the front.
+fn last_lines(stderr: &[u8]) -> Option<String> {
+    const LINES: usize = 5;
+    const MAX: usize = 480;
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return None;
+    }
+    let joined = lines[lines.len().saturating_sub(LINES)..].join(" | ");
+    if joined.len() <= MAX {
+        return Some(joined);
+    }
+    let mut start = joined.len() - MAX;
+    while !joined.is_char_boundary(start) {
+        start += 1;
+    }
+    Some(format!("…{}", &joined[start..]))
 }
 
 /// At most 4 KiB of captured output for one log record; the whole is still counted.
@@ -398,7 +458,14 @@ fn panic_message(stderr: &[u8]) -> Option<String> {
         .map(str::trim)
         .filter(|line| !line.is_empty())
         .collect();
-    Some(message.join(" "))
+    let message = message.join(" ");
+    // What the guest printed before it panicked: a Python traceback or a JavaScript error,
+    // printed by its runtime, which then panics with a generic message. It comes first.
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    Some(match last_lines(text[..line_start].as_bytes()) {
+        Some(before) => format!("{before} | {message}"),
+        None => message,
+    })
 }
 
 #[cfg(test)]
@@ -413,5 +480,22 @@ mod tests {
             Some("panicked at src/lib.rs:80:20: flaky: trap requested")
         );
         assert_eq!(panic_message(b"just output"), None);
+        let python = b"Traceback (most recent call last):\n  File \"app.py\", line 9, in handle\nKeyError: 'id'\n\nthread '<unnamed>' panicked at runtime/src/lib.rs:1293:29:\nPython function threw an unexpected exception\n";
+        assert_eq!(
+            panic_message(python).as_deref(),
+            Some("Traceback (most recent call last): | File \"app.py\", line 9, in handle | KeyError: 'id' | panicked at runtime/src/lib.rs:1293:29: Python function threw an unexpected exception")
+        );
+    }
+
+    #[test]
+    fn last_lines_keep_the_end_of_a_traceback() {
+        let traceback = b"Traceback (most recent call last):\n  File \"app.py\", line 9, in handle\n    order = json.loads(msg.payload)\n  File \"json/__init__.py\", line 346, in loads\n\n    return _default_decoder.decode(s)\nValueError: boom\n";
+        let said = last_lines(traceback).unwrap();
+        assert!(said.ends_with("ValueError: boom"), "{said}");
+        assert!(!said.contains("Traceback"), "only the last 5 lines: {said}");
+        assert_eq!(last_lines(b"\n \n"), None);
+        let long = "x".repeat(2000);
+        let cut = last_lines(long.as_bytes()).unwrap();
+        assert!(cut.starts_with('…') && cut.len() < 500, "{}", cut.len());
     }
 }

@@ -15,8 +15,11 @@
 //!   with an error naming the file and the missing piece, never discovered per message.
 
 pub mod bindings;
+mod contract;
 mod instance;
 mod module;
+mod probe;
+mod slot;
 mod stdio;
 
 use std::path::PathBuf;
@@ -33,6 +36,7 @@ use crate::capabilities::CallContext;
 pub use bindings::mailroom::handler::types::{HeaderParam, Message as GuestMessage};
 pub use instance::{Failure, FailureKind, Invoked, Isolation, Limits, Outcome, Warm};
 pub use module::HandlerModule;
+pub use slot::{Loaded, ModuleSlot};
 
 pub(crate) use instance::HostState;
 
@@ -85,6 +89,12 @@ impl Runtime {
         })
         .map_err(anyhow::Error::from)
         .context("linking the mailroom:handler imports")?;
+        bindings::v0_1::Handler::add_to_linker::<HostState, HasSelf<CallContext>>(
+            &mut linker,
+            |s| &mut s.call,
+        )
+        .map_err(anyhow::Error::from)
+        .context("linking the mailroom:handler@0.1.0 imports")?;
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick)?;
         Ok(Runtime {
             engine,
@@ -100,15 +110,27 @@ impl Runtime {
     }
 }
 
+/// What one component may hold, at most: a component past these is refused at load (wasmtime
+/// checks them when it compiles), and every component within them can run `max_instances` at
+/// once, because the pool's totals are these times `max_instances`. The core-instance and table
+/// totals are counters (the metadata is allocated per instance), so the headroom costs nothing;
+/// memory slots reserve address space (a 4 GiB reservation each), not memory, so they stay at
+/// two per slot as before. Rust components use 3 to 5 core instances and one memory; a
+/// componentize-py component 14 core instances and one memory.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 64;
+const TABLES_PER_COMPONENT: u32 = 64;
+const MEMORIES_PER_COMPONENT: u32 = 2;
+
 fn engine_config(config: &RuntimeConfig) -> Config {
     let mut pool = PoolingAllocationConfig::new();
     let instances = config.max_instances.max(1);
-    // A Rust component holds a handful of core instances (the program plus the shims
-    // wasm-component-ld adds) and one memory; leave room for a few more.
     pool.total_component_instances(instances)
-        .total_core_instances(instances.saturating_mul(8))
-        .total_memories(instances.saturating_mul(2))
-        .total_tables(instances.saturating_mul(8))
+        .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+        .max_tables_per_component(TABLES_PER_COMPONENT)
+        .max_memories_per_component(MEMORIES_PER_COMPONENT)
+        .total_core_instances(instances.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+        .total_memories(instances.saturating_mul(MEMORIES_PER_COMPONENT))
+        .total_tables(instances.saturating_mul(TABLES_PER_COMPONENT))
         .total_stacks(instances)
         .max_memory_size(config.max_memory)
         // Reset small memories and tables by zeroing the pages a call dirtied instead of

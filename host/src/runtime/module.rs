@@ -8,8 +8,8 @@ use anyhow::{bail, Context as _};
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 
-use super::bindings::HandlerPre;
-use super::instance::{HostState, Limits};
+use super::contract::{self, Pre};
+use super::instance::Limits;
 use super::Runtime;
 use crate::capabilities::HandlerCaps;
 
@@ -17,7 +17,9 @@ use crate::capabilities::HandlerCaps;
 /// instances.
 pub struct HandlerModule {
     pub(super) name: Arc<str>,
-    pub(super) pre: HandlerPre<HostState>,
+    pub(super) pre: Pre,
+    /// The `mailroom:handler` version the component was built against.
+    pub(super) version: &'static str,
     pub(super) limits: Limits,
     pub(super) isolation: super::Isolation,
     pub(super) caps: Arc<HandlerCaps>,
@@ -50,6 +52,11 @@ impl HandlerModule {
     pub fn caps(&self) -> &Arc<HandlerCaps> {
         &self.caps
     }
+
+    /// The `mailroom:handler` contract version the component was built against.
+    pub fn contract_version(&self) -> &'static str {
+        self.version
+    }
 }
 
 const WASM_MAGIC: &[u8] = b"\0asm";
@@ -69,25 +76,46 @@ impl Runtime {
         isolation: super::Isolation,
         caps: Arc<HandlerCaps>,
     ) -> anyhow::Result<HandlerModule> {
-        let component = self.compile(path)?;
+        let component = self.compile(path, &limits)?;
         let shown = path.display();
+        let imported = contract::imported_version(&component, &self.engine);
+        let version = match imported.as_deref() {
+            None => contract::VERSIONS[0],
+            Some(v) => contract::VERSIONS
+                .iter()
+                .copied()
+                .find(|known| *known == v)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "module {shown} was built against mailroom:handler@{v}, which this host \
+                         does not know (it runs {}): upgrade the host, or build the handler \
+                         with an SDK for one of those versions",
+                        contract::VERSIONS.join(" and ")
+                    )
+                })?,
+        };
         let pre = self.linker.instantiate_pre(&component).map_err(|err| {
+            let imports = contract::import_names(&component, &self.engine);
             anyhow::anyhow!(
                 "module {shown} needs something the host does not provide: {err}. \
-                 Mailroom provides the mailroom:handler@0.1.0 imports (publish, kv, log, config) \
-                 and WASI 0.2 (wasm32-wasip2)"
+                 Mailroom provides the mailroom:handler imports (publish, kv, log, config; \
+                 versions {}) and WASI 0.2 (wasm32-wasip2) without network or files{}",
+                contract::VERSIONS.join(", "),
+                import_hint(&imports)
             )
         })?;
-        let pre = HandlerPre::new(pre).map_err(|err| {
+        let pre = Pre::new(pre, Some(version)).map_err(|err| {
             anyhow::anyhow!(
                 "module {shown} is not a mailroom handler: {err}. It must export the \
                  mailroom:handler/handler world's `handle` function; build it with \
-                 mailroom-sdk's export! macro"
+                 mailroom-sdk's export! macro (Python: componentize-py -w handler; \
+                 JavaScript: export `handle` from the module given to componentize)"
             )
         })?;
         Ok(HandlerModule {
             name: caps.name.clone(),
             pre,
+            version,
             limits,
             isolation,
             caps,
@@ -96,7 +124,7 @@ impl Runtime {
     }
 
     /// Reads, validates and compiles `path`, through the on-disk cache when one is configured.
-    fn compile(&self, path: &Path) -> anyhow::Result<Component> {
+    fn compile(&self, path: &Path, limits: &Limits) -> anyhow::Result<Component> {
         let shown = path.display();
         let bytes = std::fs::read(path).with_context(|| {
             format!("cannot read module {shown}: build the handler first, or fix the path")
@@ -114,6 +142,8 @@ impl Runtime {
                  with `wasm-tools component new`"
             );
         }
+        check_initial_memory(&bytes, limits.memory)
+            .map_err(|err| anyhow::anyhow!("module {shown} {err}"))?;
         let Some(cache_dir) = &self.cache_dir else {
             return Component::from_binary(&self.engine, &bytes)
                 .map_err(|err| anyhow::anyhow!("module {shown} does not compile: {err:#}"));
@@ -161,6 +191,55 @@ impl Runtime {
         let digest = hasher.0.finalize();
         digest.iter().map(|b| format!("{b:02x}")).collect()
     }
+}
+
+/// A hint for imports the host will never provide, naming the build flags that leave them out.
+fn import_hint(imports: &[String]) -> String {
+    if imports.iter().any(|i| i.starts_with("wasi:http/")) {
+        return ". It imports wasi:http, which handlers cannot use (publish through \
+                mailroom:handler/publish instead). A JavaScript component built with \
+                componentize-js or jco includes it by default: build with \
+                `--disable http fetch-event` (StarlingMonkey), or use jco's QuickJS backend \
+                (`jco componentize --backend quickjs --backend-qjs-disable-async`)"
+            .to_owned();
+    }
+    let foreign: Vec<&str> = imports
+        .iter()
+        .map(String::as_str)
+        .filter(|i| !i.starts_with("wasi:") && !i.starts_with("mailroom:handler/"))
+        .collect();
+    if foreign.is_empty() {
+        String::new()
+    } else {
+        format!(". Imports the host does not know: {}", foreign.join(", "))
+    }
+}
+
+/// Refuses a module whose initial memory is above the handler's limit before compiling it,
+/// saying in MiB what the limit must be raised to.
+fn check_initial_memory(bytes: &[u8], limit: usize) -> Result<(), String> {
+    let mut largest: u64 = 0;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        // A malformed module is the compiler's to report, with its own words.
+        let Ok(payload) = payload else { return Ok(()) };
+        if let wasmparser::Payload::MemorySection(reader) = payload {
+            for memory in reader.into_iter().flatten() {
+                let page = memory.page_size_log2.map_or(65536u64, |log2| 1u64 << log2);
+                largest = largest.max(memory.initial.saturating_mul(page));
+            }
+        }
+    }
+    if largest > limit as u64 {
+        let mib = |b: u64| b.div_ceil(1 << 20);
+        return Err(format!(
+            "starts with {} MiB of linear memory ({largest} bytes), more than the handler's \
+             memory limit of {} MiB: raise `limits.memory` to at least \"{}MiB\"",
+            mib(largest),
+            (limit as u64) >> 20,
+            mib(largest)
+        ));
+    }
+    Ok(())
 }
 
 fn store_cached(component: &Component, dir: &Path, target: &PathBuf) -> anyhow::Result<()> {

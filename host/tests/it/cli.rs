@@ -139,10 +139,108 @@ fn invoke_prints_the_publishes_and_the_outcome() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert_eq!(out.status.code(), Some(4), "a reject exits 4: {stdout}");
     assert!(
         stdout.contains("reject: flaky: rejected on purpose"),
         "{stdout}"
+    );
+}
+
+fn run_invoke(args: &[&str], stdin: Option<&str>) -> (Option<i32>, String, String) {
+    let mut cmd = mailroom();
+    cmd.arg("invoke").args(args);
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(text) = stdin {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn invoke_refuses_impossible_messages_and_exit_codes_tell_the_outcome() {
+    let flaky = wasm("flaky").display().to_string();
+    // Usage errors exit 2 and say what is wrong.
+    for (subject, why) in [("orders..eu", "empty token"), ("orders.*", "wildcard")] {
+        let (code, _, err) = run_invoke(&[&flaky, "--subject", subject, "-d", "ok"], None);
+        assert_eq!(code, Some(2), "{subject}: {err}");
+        assert!(err.contains("cannot be the subject of a message"), "{err}");
+        assert!(err.contains(why), "{err}");
+    }
+    let (code, _, err) = run_invoke(&[&flaky, "-s", "jobs.x", "--attempt", "0"], None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--attempt"), "{err}");
+
+    // The payload from standard input; a retry exits 3.
+    let (code, out, err) = run_invoke(&[&flaky, "-s", "jobs.x", "-d", "@-"], Some("retry\n"));
+    assert_eq!(code, Some(3), "{out}{err}");
+    assert!(out.contains("flaky: retry requested"), "{out}");
+    assert!(
+        out.contains("retry it in place"),
+        "ordered by default: {out}"
+    );
+
+    // A module that does not load exits 1.
+    let (code, _, err) = run_invoke(&["/nonexistent.wasm", "-s", "a"], None);
+    assert_eq!(code, Some(1), "{err}");
+
+    // MODULE comes from --config/--handler; an unordered handler naks instead.
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        &handler_config(&wasm("flaky")).replace("concurrency = 8", "ordering = \"none\""),
+    );
+    let config = config.display().to_string();
+    let (code, out, err) = run_invoke(
+        &[
+            "--config",
+            &config,
+            "--handler",
+            "flaky",
+            "-s",
+            "jobs.x",
+            "-d",
+            "retry",
+        ],
+        None,
+    );
+    assert_eq!(code, Some(3), "{out}{err}");
+    assert!(out.contains("nak it for redelivery"), "{out}");
+    let (code, _, err) = run_invoke(
+        &["--config", &config, "--handler", "nope", "-s", "jobs.x"],
+        None,
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("no handler named \"nope\" (it has: flaky)"),
+        "{err}"
+    );
+
+    // --repeat prints the steady-state time per message.
+    let (code, out, err) = run_invoke(
+        &[&flaky, "-s", "jobs.x", "-d", "ok", "--repeat", "20"],
+        None,
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("steady state:") && out.contains("over 20 more run(s)"),
+        "{out}"
     );
 }
 
@@ -240,4 +338,35 @@ async fn sigterm_under_load_drains_and_exits_zero_leaving_nothing_for_ack_wait()
     assert_eq!(info.ack_floor.stream_sequence, TOTAL);
     assert_eq!(host.metrics("flaky").succeeded, TOTAL - acked_before);
     host.stop().await;
+}
+
+#[test]
+fn a_metrics_address_in_use_fails_at_once_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, &handler_config(&wasm("flaky")));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    // Nothing listens on the NATS port, and the host would wait a minute for it.
+    let nats = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("nats://{}", nats.local_addr().unwrap());
+    drop(nats);
+    let started = Instant::now();
+    let out = mailroom()
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--nats-url", &url, "--connect-timeout", "60s"])
+        .args(["--metrics-addr", &addr.to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on host.metrics_addr {addr}")),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "it failed only after {:?}, while waiting for NATS",
+        started.elapsed()
+    );
 }

@@ -31,6 +31,7 @@ async fn run(payload: &str, extra: &str) -> InvokeReport {
         settings: [("output-subject".to_owned(), "out.x".to_owned())].into(),
         kv_seed: Vec::new(),
         cache_dir: Some(target_dir().join("mailroom-test-cache")),
+        repeat: 0,
     })
     .await
     .expect("module loads")
@@ -136,7 +137,15 @@ async fn publishes_per_message_are_capped() {
     )
     .await;
     assert!(rejected(&report).contains("at most 10 publishes per message"));
-    assert_eq!(report.calls.len(), 10);
+    assert_eq!(
+        report.invoked.publishes.len(),
+        10,
+        "ten staged, then refused"
+    );
+    assert!(
+        report.calls.is_empty(),
+        "a failed attempt's publishes are discarded, never sent"
+    );
 }
 
 #[tokio::test]
@@ -161,6 +170,7 @@ async fn load_error(bytes: &[u8]) -> String {
         settings: Default::default(),
         kv_seed: Vec::new(),
         cache_dir: None,
+        repeat: 0,
     })
     .await
     .err()
@@ -195,6 +205,72 @@ async fn modules_are_checked_at_load_with_errors_that_name_the_problem() {
         "{err}"
     );
     assert!(err.contains("acme:secret/vault@1.0.0"), "{err}");
+
+    // What componentize-js builds by default: the hint names the flags that leave it out.
+    let http = wat::parse_str(
+        r#"(component (import "wasi:http/outgoing-handler@0.2.0" (instance (export "handle" (func)))))"#,
+    )
+    .unwrap();
+    let err = load_error(&http).await;
+    assert!(err.contains("imports wasi:http"), "{err}");
+    assert!(err.contains("--disable http fetch-event"), "{err}");
+    assert!(err.contains("--backend-qjs-disable-async"), "{err}");
+}
+
+#[tokio::test]
+async fn a_memory_limit_below_the_initial_memory_says_how_many_mib_are_needed() {
+    let text = format!(
+        "[[handler]]\nname = \"enrich\"\nmodule = \"{}\"\nstream = \"S\"\nlimits = {{ memory = \"1MiB\" }}\n",
+        wasm("enrich").display()
+    );
+    let handler = mailroom::Config::parse(&text, &workspace())
+        .expect("valid")
+        .handlers
+        .remove(0);
+    let started = Instant::now();
+    let err = invoke(InvokeRequest {
+        module: handler.module.clone(),
+        subject: "s".into(),
+        payload: Vec::new(),
+        headers: Vec::new(),
+        attempt: 1,
+        handler: Some(handler),
+        settings: Default::default(),
+        kv_seed: Vec::new(),
+        cache_dir: None,
+        repeat: 0,
+    })
+    .await
+    .err()
+    .expect("refused");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("more than the handler's memory limit of 1 MiB"),
+        "{err}"
+    );
+    assert!(
+        err.contains("raise `limits.memory` to at least \"2MiB\""),
+        "{err}"
+    );
+    assert!(!err.contains("does not compile"), "{err}");
+    // Refused before compiling (no cache here): well under a compile of the module.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_trap_without_a_panic_message_keeps_the_guests_last_stderr_lines() {
+    let report = run("crash:ValueError: order 7 has no customer", "").await;
+    let (kind, reason) = failure(&report);
+    assert_eq!(kind, FailureKind::Trap);
+    assert!(
+        reason.ends_with("flaky: ValueError: order 7 has no customer"),
+        "the interpreter's last words are the reason: {reason}"
+    );
+    assert!(reason.contains("File \"app.py\", line 3"), "{reason}");
 }
 
 mod reuse {
@@ -233,6 +309,8 @@ mod reuse {
         (module, backend)
     }
 
+    /// Runs one message; its staged publishes go to `module`'s backend only if it succeeded,
+    /// as the consumer does.
     async fn call(module: &HandlerModule, warm: &mut Option<Warm>, payload: &str) -> Outcome {
         let msg = GuestMessage {
             subject: "jobs.x",
@@ -244,7 +322,20 @@ mod reuse {
             published_unix_nanos: 0,
             handler: "flaky",
         };
-        module.invoke(warm, msg, "S".into()).await.outcome
+        let invoked = module.invoke(warm, msg, "S".into()).await;
+        if invoked.outcome == Outcome::Success {
+            for out in &invoked.publishes {
+                module
+                    .caps()
+                    .backend
+                    .publish(out)
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+        }
+        invoked.outcome
     }
 
     fn published(backend: &MemoryBackend) -> Vec<String> {
@@ -252,7 +343,7 @@ mod reuse {
             .recorded()
             .into_iter()
             .filter_map(|r| match r {
-                Recorded::Publish(o) => Some(String::from_utf8(o.payload).unwrap()),
+                Recorded::Publish(o) => Some(String::from_utf8(o.payload.to_vec()).unwrap()),
                 _ => None,
             })
             .collect()

@@ -99,6 +99,7 @@ authorization {{
 }}
 "#
         ),
+        ..Default::default()
     })
     .unwrap();
     let nats = format!(
@@ -172,6 +173,7 @@ tls = {{ ca = "{d}/ca.pem", cert = "{d}/client.pem", key = "{d}/client-key.pem" 
 async fn token_authentication() {
     let server = NatsServer::start_with(ServerOptions {
         extra_config: "authorization { token: \"t0ken-value\" }".into(),
+        ..Default::default()
     })
     .unwrap();
     round_trip(
@@ -189,6 +191,7 @@ async fn nkey_authentication() {
             "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}",
             user.public_key()
         ),
+        ..Default::default()
     })
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -305,6 +308,7 @@ async fn credentials_file_authentication() {
             acc = account.public_key(),
             sys = system.public_key(),
         ),
+        ..Default::default()
     })
     .unwrap();
 

@@ -1,94 +1,24 @@
-//! Counters and gauges the host keeps per handler, and their Prometheus text rendering.
+//! Counters, gauges and histograms the host keeps per handler, and the handler's lifecycle
+//! state.
 //!
-//! Counters are relaxed atomics: they are incremented on the message path, read rarely, and
-//! need no ordering with anything else. Only the binary installs a tracing subscriber; this
-//! module never does.
+//! Counters are relaxed atomics: they are incremented on the message path, read rarely (at
+//! scrape time, by `/status` and by the summary line), and need no ordering with anything
+//! else. Nothing here formats or allocates on the message path: [`exposition`] renders the
+//! Prometheus text from snapshots when `/metrics` is scraped. Only the binary installs a
+//! tracing subscriber; this module never does.
 
-use std::fmt::Write as _;
+pub mod exposition;
+mod histogram;
+
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 
-/// A lock-free latency histogram: log-linear buckets with 8 per power of two (about 9%
-/// resolution) from 1µs to about 12 days. Recording is one atomic add.
-pub struct Histogram {
-    buckets: Box<[AtomicU64]>,
-}
+use crate::health::Lifecycle;
 
-const SUB_BUCKETS: u32 = 8;
-const BUCKETS: usize = 40 * SUB_BUCKETS as usize;
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Histogram {
-            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-}
-
-impl std::fmt::Debug for Histogram {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Histogram")
-            .field("count", &self.count())
-            .finish()
-    }
-}
-
-impl Histogram {
-    fn index(micros: u64) -> usize {
-        let v = micros.max(1);
-        let octave = 63 - v.leading_zeros();
-        // The 3 bits below the leading one pick the sub-bucket.
-        let sub = if octave >= 3 {
-            (v >> (octave - 3)) & 7
-        } else {
-            (v << (3 - octave)) & 7
-        };
-        ((octave * SUB_BUCKETS) as usize + sub as usize).min(BUCKETS - 1)
-    }
-
-    /// The upper bound of bucket `i`, in microseconds.
-    fn upper(i: usize) -> u64 {
-        let octave = (i / SUB_BUCKETS as usize) as u32;
-        let sub = (i % SUB_BUCKETS as usize) as u64;
-        let base = 1u64 << octave;
-        base + (base * (sub + 1)) / SUB_BUCKETS as u64
-    }
-
-    /// Records one duration.
-    pub fn record(&self, d: std::time::Duration) {
-        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.buckets[Self::index(micros)].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// How many durations were recorded.
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
-    }
-
-    /// The `q` quantile (0..=1), as the upper bound of its bucket; `None` when empty.
-    pub fn quantile(&self, q: f64) -> Option<std::time::Duration> {
-        let counts: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let rank = ((total as f64) * q.clamp(0.0, 1.0)).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, c) in counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return Some(std::time::Duration::from_micros(Self::upper(i)));
-            }
-        }
-        None
-    }
-}
+pub use histogram::{Exported, Histogram, BOUNDS_MICROS};
 
 /// Live counters of one handler.
 #[derive(Debug, Default)]
@@ -103,6 +33,8 @@ pub struct HandlerMetrics {
     pub retried: AtomicU64,
     /// Messages written to the dead-letter subject (or terminated without one).
     pub dead_lettered: AtomicU64,
+    /// Dead-letter records that could not be stored (the message is nak'ed and comes back).
+    pub dead_letter_failures: AtomicU64,
     /// Attempts that ended in a trap (panic, out of memory, stack overflow, ...).
     pub traps: AtomicU64,
     /// Attempts stopped by the time limit.
@@ -142,8 +74,42 @@ pub struct HandlerMetrics {
     /// Keys blocked by a message that exhausted its attempts (`on_exhausted = "block"`).
     pub blocked_keys: AtomicI64,
     blocked: Mutex<Vec<String>>,
+    owned: Mutex<Vec<u32>>,
+    /// Publishes of successful attempts that a stream had already stored (re-runs).
+    pub duplicate_publishes: AtomicU64,
+    /// Publishes sent again because their stream was unavailable (e.g. a leader election).
+    pub publish_retries: AtomicU64,
+    /// Messages handed back without running (drain, partition release).
+    pub handed_back: AtomicU64,
+    /// Held messages given up because their partition's lease was lost (fenced).
+    pub fenced_messages: AtomicU64,
+    /// Times the circuit breaker opened.
+    pub breaker_trips: AtomicU64,
+    /// Whether the circuit breaker is open (1) or closed (0).
+    pub breaker_open: AtomicI64,
+    /// Partitions this host owns (partitioned handlers).
+    pub partitions_owned: AtomicI64,
+    /// Partitions this host took over (acquired) since it started.
+    pub partitions_acquired: AtomicU64,
+    /// Partitions this host handed over (released) since it started.
+    pub partitions_released: AtomicU64,
+    /// Lease renewals that failed (transport errors; the lease may still be held).
+    pub lease_renew_failures: AtomicU64,
+    /// Partitions this host gave up because it could not renew their lease in time, or found
+    /// it taken.
+    pub self_fences: AtomicU64,
+    /// Time from seeing a partition's lease expire to having attached it here (failover).
+    pub failover: Histogram,
+    /// Time a graceful release took (stop pulling to consumer deleted).
+    pub handover: Histogram,
     /// Time from a message's publish to its ack (successes only).
     pub latency: Histogram,
+    /// Time from a message's arrival in the host to the start of its attempt.
+    pub queue_wait: Histogram,
+    /// Time an attempt spent in the handler (instantiation and call).
+    pub handler_duration: Histogram,
+    /// Where the handler is in its life: starting, running, failed, tripped, draining.
+    pub lifecycle: Lifecycle,
 }
 
 /// A point-in-time copy of [`HandlerMetrics`].
@@ -159,6 +125,8 @@ pub struct MetricsSnapshot {
     pub retried: u64,
     /// See [`HandlerMetrics::dead_lettered`].
     pub dead_lettered: u64,
+    /// See [`HandlerMetrics::dead_letter_failures`].
+    pub dead_letter_failures: u64,
     /// See [`HandlerMetrics::traps`].
     pub traps: u64,
     /// See [`HandlerMetrics::timeouts`].
@@ -201,12 +169,44 @@ pub struct MetricsSnapshot {
     pub latency_p50_us: u64,
     /// 99th percentile publish-to-ack latency, in microseconds.
     pub latency_p99_us: u64,
+    /// See [`HandlerMetrics::duplicate_publishes`].
+    pub duplicate_publishes: u64,
+    /// See [`HandlerMetrics::publish_retries`].
+    pub publish_retries: u64,
+    /// See [`HandlerMetrics::handed_back`].
+    pub handed_back: u64,
+    /// See [`HandlerMetrics::fenced_messages`].
+    pub fenced_messages: u64,
+    /// See [`HandlerMetrics::breaker_trips`].
+    pub breaker_trips: u64,
+    /// See [`HandlerMetrics::breaker_open`].
+    pub breaker_open: i64,
+    /// See [`HandlerMetrics::partitions_owned`].
+    pub partitions_owned: i64,
+    /// See [`HandlerMetrics::partitions_acquired`].
+    pub partitions_acquired: u64,
+    /// See [`HandlerMetrics::partitions_released`].
+    pub partitions_released: u64,
+    /// See [`HandlerMetrics::lease_renew_failures`].
+    pub lease_renew_failures: u64,
+    /// See [`HandlerMetrics::self_fences`].
+    pub self_fences: u64,
 }
 
 impl HandlerMetrics {
     /// Adds one to `counter`.
     pub fn incr(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records how long a message waited in the host before its attempt started.
+    pub fn record_queue_wait(&self, waited: Duration) {
+        self.queue_wait.record(waited);
+    }
+
+    /// Records how long an attempt spent in the handler.
+    pub fn record_handler_duration(&self, took: Duration) {
+        self.handler_duration.record(took);
     }
 
     /// Copies every counter.
@@ -218,6 +218,7 @@ impl HandlerMetrics {
             succeeded: get(&self.succeeded),
             retried: get(&self.retried),
             dead_lettered: get(&self.dead_lettered),
+            dead_letter_failures: get(&self.dead_letter_failures),
             traps: get(&self.traps),
             timeouts: get(&self.timeouts),
             published: get(&self.published),
@@ -245,7 +246,28 @@ impl HandlerMetrics {
                 .latency
                 .quantile(0.99)
                 .map_or(0, |d| d.as_micros() as u64),
+            duplicate_publishes: get(&self.duplicate_publishes),
+            publish_retries: get(&self.publish_retries),
+            handed_back: get(&self.handed_back),
+            fenced_messages: get(&self.fenced_messages),
+            breaker_trips: get(&self.breaker_trips),
+            breaker_open: self.breaker_open.load(Ordering::Relaxed),
+            partitions_owned: self.partitions_owned.load(Ordering::Relaxed),
+            partitions_acquired: get(&self.partitions_acquired),
+            partitions_released: get(&self.partitions_released),
+            lease_renew_failures: get(&self.lease_renew_failures),
+            self_fences: get(&self.self_fences),
         }
+    }
+
+    /// Records which partitions this host owns (for `/status`).
+    pub fn set_owned(&self, partitions: Vec<u32>) {
+        *self.owned.lock().unwrap_or_else(|p| p.into_inner()) = partitions;
+    }
+
+    /// The partitions this host owns.
+    pub fn owned(&self) -> Vec<u32> {
+        self.owned.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Records which keys are blocked (a bounded sample, for `/status`).
@@ -262,141 +284,73 @@ impl HandlerMetrics {
     }
 }
 
-/// One exported series: name, Prometheus type, and how to read it from a snapshot.
-type Series = (&'static str, &'static str, fn(&MetricsSnapshot) -> i64);
-
-/// The metrics of every handler of a host, by handler name.
+/// The metrics of every handler of a host, by handler name. Clones share the list: handlers
+/// deployed through NATS register while the host runs.
 #[derive(Debug, Default, Clone)]
 pub struct Metrics {
-    handlers: Vec<(String, Arc<HandlerMetrics>)>,
+    handlers: Arc<Mutex<Vec<Registered>>>,
 }
+
+/// A handler's name and counters.
+type Registered = (String, Arc<HandlerMetrics>);
 
 impl Metrics {
     /// Registers `name` and returns its counters (the same ones if registered before).
-    pub fn handler(&mut self, name: &str) -> Arc<HandlerMetrics> {
-        if let Some((_, m)) = self.handlers.iter().find(|(n, _)| n == name) {
+    pub fn handler(&self, name: &str) -> Arc<HandlerMetrics> {
+        let mut handlers = self.lock();
+        if let Some((_, m)) = handlers.iter().find(|(n, _)| n == name) {
             return m.clone();
         }
         let m = Arc::new(HandlerMetrics::default());
-        self.handlers.push((name.to_owned(), m.clone()));
+        handlers.push((name.to_owned(), m.clone()));
         m
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Registered>> {
+        self.handlers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The metrics of handler `name`, if registered.
+    pub fn get(&self, name: &str) -> Option<Arc<HandlerMetrics>> {
+        self.lock()
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, m)| m.clone())
     }
 
     /// Snapshots of every handler, in registration order.
     pub fn snapshot(&self) -> Vec<(String, MetricsSnapshot)> {
-        self.handlers
+        self.lock()
             .iter()
             .map(|(n, m)| (n.clone(), m.snapshot()))
             .collect()
     }
 
-    /// Per handler: its counters and its blocked keys, as JSON for `/status`.
+    /// Every handler's name and live metrics, in registration order.
+    pub fn handlers(&self) -> impl Iterator<Item = (String, Arc<HandlerMetrics>)> {
+        self.lock().clone().into_iter()
+    }
+
+    /// Per handler: its state, counters and blocked keys, as JSON (the `handlers` part of
+    /// `/status`, without the backlog, which needs the server).
     pub fn render_status(&self) -> String {
         let handlers: Vec<serde_json::Value> = self
-            .handlers
-            .iter()
-            .map(|(name, m)| {
-                serde_json::json!({
-                    "handler": name,
-                    "metrics": m.snapshot(),
-                    "blocked_keys": m.blocked(),
-                })
-            })
+            .handlers()
+            .map(|(name, m)| handler_status(&name, &m, None))
             .collect();
         serde_json::json!({ "handlers": handlers }).to_string()
     }
-
-    /// The counters in Prometheus text exposition format.
-    pub fn render_prometheus(&self) -> String {
-        let snapshots = self.snapshot();
-        let mut out = String::new();
-        let series: [Series; 26] = [
-            ("received_total", "counter", |s| s.received as i64),
-            ("redelivered_total", "counter", |s| s.redelivered as i64),
-            ("succeeded_total", "counter", |s| s.succeeded as i64),
-            ("retried_total", "counter", |s| s.retried as i64),
-            ("dead_lettered_total", "counter", |s| s.dead_lettered as i64),
-            ("traps_total", "counter", |s| s.traps as i64),
-            ("timeouts_total", "counter", |s| s.timeouts as i64),
-            ("published_total", "counter", |s| s.published as i64),
-            ("denied_total", "counter", |s| s.denied as i64),
-            ("progress_acks_total", "counter", |s| s.progress_acks as i64),
-            ("ack_failures_total", "counter", |s| s.ack_failures as i64),
-            ("log_dropped_total", "counter", |s| s.log_dropped as i64),
-            ("in_flight", "gauge", |s| s.in_flight),
-            ("late_redeliveries_total", "counter", |s| {
-                s.late_redeliveries as i64
-            }),
-            ("duplicate_deliveries_total", "counter", |s| {
-                s.duplicate_deliveries as i64
-            }),
-            ("scale_ups_total", "counter", |s| s.scale_ups as i64),
-            ("scale_downs_total", "counter", |s| s.scale_downs as i64),
-            ("workers", "gauge", |s| s.workers),
-            ("target_workers", "gauge", |s| s.target_workers),
-            ("busy_workers", "gauge", |s| s.busy),
-            ("busy_workers_peak", "gauge", |s| s.busy_peak),
-            ("buffered", "gauge", |s| s.buffered),
-            ("keys", "gauge", |s| s.keys),
-            ("blocked_keys", "gauge", |s| s.blocked_keys),
-            ("latency_p50_microseconds", "gauge", |s| {
-                s.latency_p50_us as i64
-            }),
-            ("latency_p99_microseconds", "gauge", |s| {
-                s.latency_p99_us as i64
-            }),
-        ];
-        for (name, kind, get) in series {
-            let _ = writeln!(out, "# TYPE mailroom_{name} {kind}");
-            for (handler, snapshot) in &snapshots {
-                let _ = writeln!(
-                    out,
-                    "mailroom_{name}{{handler=\"{handler}\"}} {}",
-                    get(snapshot)
-                );
-            }
-        }
-        out
-    }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn histogram_quantiles_are_within_a_bucket() {
-        let h = Histogram::default();
-        assert_eq!(h.quantile(0.5), None);
-        for ms in 1..=1000u64 {
-            h.record(Duration::from_millis(ms));
-        }
-        assert_eq!(h.count(), 1000);
-        let p50 = h.quantile(0.5).unwrap().as_micros() as f64;
-        let p99 = h.quantile(0.99).unwrap().as_micros() as f64;
-        assert!((500_000.0..=500_000.0 * 1.13).contains(&p50), "{p50}");
-        assert!((990_000.0..=990_000.0 * 1.13).contains(&p99), "{p99}");
-        h.record(Duration::ZERO);
-        h.record(Duration::MAX);
-        assert_eq!(h.count(), 1002);
-    }
-
-    #[test]
-    fn bucket_bounds_cover_their_values() {
-        for v in [1u64, 2, 3, 7, 8, 9, 15, 16, 17, 100, 1000, 123_456, 1 << 30] {
-            let i = Histogram::index(v);
-            assert!(
-                Histogram::upper(i) >= v,
-                "{v} above bucket {i}'s bound {}",
-                Histogram::upper(i)
-            );
-            if i > 0 {
-                assert!(
-                    Histogram::upper(i - 1) <= v,
-                    "{v} belongs lower than bucket {i}"
-                );
-            }
-        }
-    }
+/// One handler's entry in `/status`.
+pub fn handler_status(name: &str, m: &HandlerMetrics, backlog: Option<u64>) -> serde_json::Value {
+    serde_json::json!({
+        "handler": name,
+        "state": m.lifecycle.get(),
+        "error": m.lifecycle.error(),
+        "backlog": backlog,
+        "metrics": m.snapshot(),
+        "blocked_keys": m.blocked(),
+        "partitions": m.owned(),
+    })
 }
