@@ -41,8 +41,16 @@ impl NatsServer {
         NatsServer::start_with(ServerOptions::default())
     }
 
-    /// Starts a server with extra configuration.
+    /// Starts a server with extra configuration. A free port found for it can be taken by
+    /// someone else before the server binds it: then it tries again with another.
     pub fn start_with(options: ServerOptions) -> anyhow::Result<NatsServer> {
+        if options.port.is_some() {
+            return NatsServer::start_once(options);
+        }
+        retry_if_taken(|| NatsServer::start_once(options.clone()))
+    }
+
+    fn start_once(options: ServerOptions) -> anyhow::Result<NatsServer> {
         let binary = binary();
         let version = version(&binary)?;
         let dir = tempfile::Builder::new()
@@ -191,8 +199,13 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts `size` routed nodes and waits until they listen.
+    /// Starts `size` routed nodes and waits until they listen (on other ports if one of those
+    /// it picked was taken in the meantime).
     pub fn start(size: usize) -> anyhow::Result<NatsCluster> {
+        retry_if_taken(|| NatsCluster::start_once(size))
+    }
+
+    fn start_once(size: usize) -> anyhow::Result<NatsCluster> {
         let clients: Vec<u16> = (0..size)
             .map(|_| free_port())
             .collect::<anyhow::Result<_>>()?;
@@ -250,6 +263,20 @@ impl NatsCluster {
     /// Whether it has no nodes.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+}
+
+/// Runs `start` again (up to three times in all) while it fails because a port it picked was
+/// taken before the server could bind it.
+fn retry_if_taken<T>(mut start: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let mut tries = 1;
+    loop {
+        match start() {
+            Err(err) if tries < 3 && format!("{err:#}").contains("address already in use") => {
+                tries += 1;
+            }
+            result => return result,
+        }
     }
 }
 

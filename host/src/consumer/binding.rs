@@ -9,6 +9,13 @@
 //!   messages are dropped without a word to JetStream (the partition's next owner replays them
 //!   from a new consumer, in stream order).
 //! - A binding knows nothing of leases: the fence is all it sees of them (`group/` decides).
+//! - A partition's deliveries are dispatched only while their consumer sequence has no gap.
+//!   A partition's consumer has one puller, so every delivery (redeliveries too) takes the
+//!   next sequence; a jump means a delivery was lost in transit (a reconnect, a consumer
+//!   leader change) while the server counts it as delivered, to come back only after
+//!   AckWait, behind its key's later messages. From the jump on nothing more is dispatched,
+//!   and the group restarts the partition (release, then a new epoch that replays from the
+//!   first unacknowledged message, in order).
 //! - A released binding leaves nothing behind: its fetch loop has stopped, its waiting
 //!   messages are given up (they stay in the work stream), its running ones settled, every
 //!   acknowledgement it sent confirmed, and its consumer deleted.
@@ -70,6 +77,10 @@ pub struct Binding {
     pub(super) pending: AtomicU64,
     /// The consumer was deleted under this host (another owner took the partition).
     lost: AtomicBool,
+    /// The consumer sequence of the last delivery (partitions only; see the invariants).
+    last_delivery: AtomicU64,
+    /// A partition delivery was lost in transit: nothing more is dispatched.
+    gapped: AtomicBool,
     /// The reply subject of the last message acked or terminated: confirming one more ack
     /// there proves every earlier one was processed (a release's barrier).
     last_settled: Mutex<Option<Subject>>,
@@ -105,6 +116,8 @@ impl Binding {
             idle: Notify::new(),
             pending: AtomicU64::new(0),
             lost: AtomicBool::new(false),
+            last_delivery: AtomicU64::new(0),
+            gapped: AtomicBool::new(false),
             last_settled: Mutex::new(None),
         }
     }
@@ -122,6 +135,27 @@ impl Binding {
     /// Whether the consumer was found deleted.
     pub fn is_lost(&self) -> bool {
         self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Whether a partition delivery was lost in transit (the partition needs a restart).
+    pub fn is_gapped(&self) -> bool {
+        self.gapped.load(Ordering::Relaxed)
+    }
+
+    /// Follows the consumer sequence of a partition's deliveries (called by its one fetch
+    /// loop). A sequence at or below the last one is a restart of the numbering (a new
+    /// consumer leader resends from its last replicated state).
+    pub(super) fn follow(&self, sequence: u64) -> Sequence {
+        if self.gapped.load(Ordering::Relaxed) {
+            return Sequence::Stopped;
+        }
+        let last = self.last_delivery.load(Ordering::Relaxed);
+        if sequence > last + 1 {
+            self.gapped.store(true, Ordering::Relaxed);
+            return Sequence::Gap { after: last };
+        }
+        self.last_delivery.store(sequence, Ordering::Relaxed);
+        Sequence::Next
     }
 
     fn hold(&self, shared: &Shared) {
@@ -186,6 +220,17 @@ impl Binding {
             .map(drop)
             .map_err(|err| format!("confirming the last acknowledgements: {err}"))
     }
+}
+
+/// What a delivery's consumer sequence says (see [`Binding::follow`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Sequence {
+    /// Dispatch it.
+    Next,
+    /// Deliveries after `after` are missing: drop this one and stop.
+    Gap { after: u64 },
+    /// An earlier gap stopped the binding: drop it.
+    Stopped,
 }
 
 /// This binding's share of the handler's capacity.
@@ -295,6 +340,25 @@ pub async fn fetch(
 pub(super) async fn dispatch(shared: &Shared, binding: &Arc<Binding>, delivery: Delivery) {
     binding.pending.store(delivery.pending, Ordering::Relaxed);
     let seq = delivery.stream_sequence;
+    if binding.sourced() {
+        match binding.follow(delivery.consumer_sequence) {
+            Sequence::Next => {}
+            Sequence::Stopped => return,
+            Sequence::Gap { after } => {
+                HandlerMetrics::incr(&shared.metrics.delivery_gaps);
+                tracing::warn!(
+                    handler = %shared.name,
+                    consumer = %binding.consumer,
+                    after,
+                    got = delivery.consumer_sequence,
+                    stream_seq = seq,
+                    "a partition delivery was lost in transit (its consumer sequence jumped); \
+                     restarting the partition so that it replays in order"
+                );
+                return;
+            }
+        }
+    }
     if shared.recent.contains(seq) {
         // This host already settled this message, but JetStream did not hear of it (an ack
         // lost in a consumer leader change): settle it again instead of running it again.
@@ -365,5 +429,51 @@ async fn sleep_or(d: Duration, a: &CancellationToken, b: &CancellationToken) -> 
         _ = tokio::time::sleep(d) => false,
         _ = a.cancelled() => true,
         _ = b.cancelled() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partition() -> Binding {
+        let fence = Arc::new(Fence::until(Instant::now() + Duration::from_secs(60)));
+        let kind = Kind::Partition {
+            partition: 0,
+            epoch: 1,
+        };
+        Binding::new("h-p0-e1".into(), "W".into(), kind, fence, None)
+    }
+
+    #[test]
+    fn a_jump_in_the_consumer_sequence_stops_dispatching_for_good() {
+        let b = partition();
+        assert_eq!(b.follow(1), Sequence::Next);
+        assert_eq!(b.follow(2), Sequence::Next);
+        assert_eq!(b.follow(3), Sequence::Next);
+        assert!(!b.is_gapped());
+        // 4 never arrived.
+        assert_eq!(b.follow(5), Sequence::Gap { after: 3 });
+        assert!(b.is_gapped());
+        assert_eq!(b.follow(4), Sequence::Stopped);
+        assert_eq!(b.follow(6), Sequence::Stopped);
+    }
+
+    #[test]
+    fn a_new_consumer_leader_may_number_again_from_an_earlier_sequence() {
+        let b = partition();
+        for seq in 1..=10 {
+            assert_eq!(b.follow(seq), Sequence::Next);
+        }
+        // The new leader had 1..=7 replicated: it resends 8.. under their old numbers.
+        for seq in 8..=12 {
+            assert_eq!(b.follow(seq), Sequence::Next);
+        }
+        assert_eq!(b.follow(14), Sequence::Gap { after: 12 });
+    }
+
+    #[test]
+    fn a_lost_first_delivery_is_a_gap_too() {
+        assert_eq!(partition().follow(2), Sequence::Gap { after: 0 });
     }
 }

@@ -32,6 +32,9 @@ pub struct Delivery {
     subject_start: usize,
     /// Whether the message is a sourced copy (its `Nats-Stream-Source` header is hidden).
     sourced: bool,
+    /// The consumer's delivery count at this delivery (every delivery, redeliveries too, takes
+    /// the next one).
+    pub consumer_sequence: u64,
     /// Delivery attempt according to JetStream, 1-based.
     pub delivered: u32,
     /// The consumer's pending count when this was delivered (a free backlog signal).
@@ -88,6 +91,7 @@ impl Delivery {
             origin_sequence,
             subject_start,
             sourced,
+            consumer_sequence: info.consumer_sequence,
             delivered: info.delivered,
             pending: info.pending,
             published_unix_nanos: info.published_unix_nanos,
@@ -212,6 +216,7 @@ impl std::fmt::Display for AckError {
 
 struct AckInfo {
     stream_sequence: u64,
+    consumer_sequence: u64,
     delivered: u32,
     pending: u64,
     published_unix_nanos: i64,
@@ -221,9 +226,17 @@ struct AckInfo {
 /// v2 form with `<domain>.<account hash>` after `$JS.ACK` and an optional trailing token.
 fn parse_ack_subject(reply: &str) -> Option<AckInfo> {
     let rest = reply.strip_prefix("$JS.ACK.")?;
-    let tokens: Vec<&str> = rest.split('.').collect();
-    // v1 has 7 tokens after the prefix; v2 has 9 or more.
-    let numbers = match tokens.len() {
+    // Split without allocating (this runs for every message): v1 has 7 tokens after the
+    // prefix; v2 has 9 or more, and only the first 9 matter.
+    let mut tokens = [""; 9];
+    let mut count = 0;
+    for token in rest.split('.') {
+        if let Some(slot) = tokens.get_mut(count) {
+            *slot = token;
+        }
+        count += 1;
+    }
+    let numbers = match count {
         7 => &tokens[2..7],
         n if n >= 9 => &tokens[4..9],
         _ => return None,
@@ -231,6 +244,7 @@ fn parse_ack_subject(reply: &str) -> Option<AckInfo> {
     Some(AckInfo {
         delivered: numbers[0].parse().ok()?,
         stream_sequence: numbers[1].parse().ok()?,
+        consumer_sequence: numbers[2].parse().ok()?,
         published_unix_nanos: numbers[3].parse().ok()?,
         pending: numbers[4].parse().ok()?,
     })
@@ -257,6 +271,7 @@ mod tests {
             parse_ack_subject("$JS.ACK.ORDERS.enrich.3.1042.17.1700000000123456789.55").unwrap();
         assert_eq!(info.delivered, 3);
         assert_eq!(info.stream_sequence, 1042);
+        assert_eq!(info.consumer_sequence, 17);
         assert_eq!(info.published_unix_nanos, 1_700_000_000_123_456_789);
         assert_eq!(info.pending, 55);
     }

@@ -19,6 +19,7 @@
 
 pub mod generation;
 pub mod lease;
+mod moves;
 pub mod plan;
 pub mod presence;
 pub mod store;
@@ -36,10 +37,10 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::{Attached, Claim, Intake};
-use crate::fence::Fence;
+use crate::consumer::{Attached, Intake};
 use crate::telemetry::HandlerMetrics;
 use lease::{Action, FenceReason, Held, Local, Timing, View};
+use moves::{acquire, fence, note_move};
 use store::{GroupStore, LeaseRecord, MemberRecord, Renewal, Seen, WriteError};
 use view::{apply_seen, next_entry, open_watch, Echo};
 
@@ -342,6 +343,26 @@ pub async fn run(
                 }
             })
             .collect();
+        // Partitions that lost a delivery in transit: release them (what ran before the gap
+        // is acknowledged) and acquire them again, so that a new epoch replays the rest in
+        // stream order.
+        let gapped: Vec<u32> = attached
+            .iter()
+            .filter(|(p, a)| !local.busy.contains(p) && a.binding.is_gapped())
+            .map(|(p, _)| *p)
+            .collect();
+        for partition in gapped {
+            if let Some(a) = attached.remove(&partition) {
+                tracing::info!(handler = %shared.name, partition, "restarting the partition after a lost delivery");
+                ops.push(moves::release(
+                    intake,
+                    &mut local,
+                    a,
+                    partition,
+                    spec.drain_timeout,
+                ));
+            }
+        }
         for (partition, reason) in gone {
             fence(
                 intake,
@@ -427,23 +448,15 @@ pub async fn run(
                     }));
                 }
                 Action::Release(partition) => {
-                    let Some(a) = attached.remove(&partition) else {
-                        continue;
-                    };
-                    local.busy.insert(partition);
-                    if let Some(held) = local.held.get_mut(&partition) {
-                        held.releasing = true;
-                    }
-                    let timeout = spec.drain_timeout;
-                    ops.push(Box::pin(async move {
-                        let started = Instant::now();
-                        let released = a.release(intake, timeout).await;
-                        Done::Drained {
+                    if let Some(a) = attached.remove(&partition) {
+                        ops.push(moves::release(
+                            intake,
+                            &mut local,
+                            a,
                             partition,
-                            started,
-                            released,
-                        }
-                    }));
+                            spec.drain_timeout,
+                        ));
+                    }
                 }
             }
         }
@@ -477,116 +490,4 @@ pub async fn run(
     m.partitions_owned.store(0, Ordering::Relaxed);
     m.set_owned(Vec::new());
     tracing::info!(handler = %shared.name, "left the partition group");
-}
-
-/// Creates the lease of `partition` and attaches the partition.
-async fn acquire(
-    intake: &Intake,
-    store: &GroupStore,
-    me: &str,
-    stream: Arc<str>,
-    partition: u32,
-    timing: Timing,
-    cutover: Option<u64>,
-) -> Done {
-    let sent = Instant::now();
-    let epoch = match store.create_lease(partition, me).await {
-        Ok(revision) => revision,
-        Err(err) => {
-            return Done::AcquireFailed {
-                partition,
-                error: format!("{err:?}"),
-            }
-        }
-    };
-    let mut held = Held::created(epoch, sent);
-    let claim = Claim {
-        stream,
-        partition,
-        epoch,
-        fence: Arc::new(Fence::until(held.valid_until(&timing))),
-        skip_above: cutover,
-    };
-    match intake.attach(claim).await {
-        Ok(attached) => {
-            // Attaching can take a while (deleting the previous owner's consumer, creating
-            // this one): renew once, so the partition does not start with a lease that is
-            // about to need renewing already.
-            let sent = Instant::now();
-            let lease = LeaseRecord {
-                host: me.to_owned(),
-                epoch,
-                releasing: false,
-            };
-            match store
-                .renew_lease(partition, &lease, held.revision, timing.renew_every)
-                .await
-            {
-                Renewal::Renewed(revision) => {
-                    held.renewed(sent, revision);
-                    // If attaching outlasted the fence, the loop gives the partition up.
-                    let _ = attached.binding.fence.extend(held.valid_until(&timing));
-                }
-                Renewal::Adopted(revision) => held.revision = revision,
-                Renewal::Lost | Renewal::Unavailable(_) => {}
-            }
-            Done::Acquired {
-                partition,
-                held,
-                attached,
-            }
-        }
-        Err(err) => {
-            // Give the lease back at once rather than sit on a partition nobody pulls.
-            let _ = store.delete_lease(partition, epoch).await;
-            tracing::warn!(partition, "could not attach the partition: {err:#}");
-            Done::AcquireFailed {
-                partition,
-                error: format!("{err:#}"),
-            }
-        }
-    }
-}
-
-/// Gives `partition` up at once.
-#[allow(clippy::too_many_arguments)]
-fn fence(
-    intake: &Intake,
-    local: &mut Local,
-    attached: &mut HashMap<u32, Attached>,
-    record: &mut MemberRecord,
-    partition: u32,
-    reason: FenceReason,
-    m: &HandlerMetrics,
-    handler: &str,
-) {
-    local.held.remove(&partition);
-    if let Some(a) = attached.remove(&partition) {
-        a.fence(intake);
-    }
-    HandlerMetrics::incr(&m.self_fences);
-    note_move(record, '!', partition);
-    match reason {
-        FenceReason::Expired => tracing::error!(
-            handler,
-            partition,
-            "partition FENCED: its lease could not be renewed in time, so this host stopped \
-             running it before another host could take it"
-        ),
-        FenceReason::TakenOver => tracing::warn!(
-            handler,
-            partition,
-            "partition FENCED: another host holds its lease now"
-        ),
-    }
-}
-
-fn note_move(record: &mut MemberRecord, sign: char, partition: u32) {
-    let at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    record.moves.push(format!("{sign}{partition}@{at}"));
-    if record.moves.len() > MOVES_KEPT {
-        record.moves.remove(0);
-    }
 }

@@ -180,6 +180,11 @@ const COUNTERS: &[Counter] = &[
         "Partitions this host gave up because it could not renew their lease in time, or found it taken.",
         |s| s.self_fences,
     ),
+    (
+        "delivery_gaps",
+        "Partition deliveries lost in transit (the consumer sequence jumped); each restarts its partition.",
+        |s| s.delivery_gaps,
+    ),
 ];
 
 const GAUGES: &[Gauge] = &[

@@ -98,6 +98,8 @@ pub struct HandlerMetrics {
     /// Partitions this host gave up because it could not renew their lease in time, or found
     /// it taken.
     pub self_fences: AtomicU64,
+    /// Partition deliveries found lost in transit (each restarts its partition).
+    pub delivery_gaps: AtomicU64,
     /// Time from seeing a partition's lease expire to having attached it here (failover).
     pub failover: Histogram,
     /// Time a graceful release took (stop pulling to consumer deleted).
@@ -191,6 +193,8 @@ pub struct MetricsSnapshot {
     pub lease_renew_failures: u64,
     /// See [`HandlerMetrics::self_fences`].
     pub self_fences: u64,
+    /// See [`HandlerMetrics::delivery_gaps`].
+    pub delivery_gaps: u64,
 }
 
 impl HandlerMetrics {
@@ -257,6 +261,7 @@ impl HandlerMetrics {
             partitions_released: get(&self.partitions_released),
             lease_renew_failures: get(&self.lease_renew_failures),
             self_fences: get(&self.self_fences),
+            delivery_gaps: get(&self.delivery_gaps),
         }
     }
 

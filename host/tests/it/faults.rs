@@ -224,7 +224,7 @@ async fn ten_percent_traps_under_load_all_end_processed_and_memory_stays_flat() 
         handler("ordering = \"none\"\nconcurrency = 8\nretry = { backoff = [\"10ms\"] }")
     );
     let host = HostProcess::spawn(dir.path(), "traps", &config, &env.server.url());
-    const TOTAL: u64 = 40_000;
+    const TOTAL: u64 = 20_000;
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let payloads: Vec<&str> = (0..TOTAL)
         .map(|_| {
@@ -247,9 +247,10 @@ async fn ten_percent_traps_under_load_all_end_processed_and_memory_stays_flat() 
     )
     .await;
     // Half the run warms up: the instance pool's memory slots are touched as they are first
-    // used (RSS rises to their sum and stays there), which takes longer on a loaded machine.
-    wait_until("warm-up", Duration::from_secs(120), || {
-        host.metric("succeeded_total") >= 20_000.0
+    // used (RSS rises to their sum and stays there). Alone this run takes seconds; next to
+    // the suite's compile-heavy tests on 2 cores it once took minutes, hence the long limits.
+    wait_until("warm-up", Duration::from_secs(300), || {
+        host.metric("succeeded_total") >= TOTAL as f64 / 2.0
     })
     .await;
     let start_rss = host.rss_kib();
@@ -260,8 +261,10 @@ async fn ten_percent_traps_under_load_all_end_processed_and_memory_stays_flat() 
     let end_rss = host.rss_kib();
     let m = host.try_metrics().unwrap();
     println!(
-        "{} instantiations ({} traps); RSS {start_rss} KiB after 20,000 messages, {end_rss} KiB after {TOTAL}",
-        m["received_total"], m["traps_total"]
+        "{} instantiations ({} traps); RSS {start_rss} KiB after {} messages, {end_rss} KiB after {TOTAL}",
+        m["received_total"],
+        m["traps_total"],
+        TOTAL / 2
     );
     assert_eq!(
         m["traps_total"], traps,

@@ -14,6 +14,7 @@ mod polyglot;
 mod push;
 mod sandbox;
 mod security;
+mod spans;
 mod state;
 mod support;
 mod templates;

@@ -3,9 +3,9 @@
 //! of every execution of every key (in KV, which a fenced host cannot write), and a checker
 //! that counts lost, duplicated, reordered and overlapping executions.
 
-use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use crate::spans::{check, spans_of, Span};
 use crate::support::{all_messages, wait_until, wasm, Env, HostProcess};
 
 const PARTITIONS: u32 = 8;
@@ -51,82 +51,8 @@ config = {{ output-subject = "records.all", host = "{host}" }}
     )
 }
 
-/// One execution, as the guest recorded it.
-#[derive(Debug, Clone)]
-pub struct Span {
-    key: String,
-    seq: u64,
-    start: u128,
-    end: u128,
-    host: String,
-}
-
-/// What the checker found.
-#[derive(Debug, Default)]
-#[allow(dead_code)] // `executions` is for the printed verdict.
-pub struct Verdict {
-    pub messages: usize,
-    pub executions: usize,
-    pub reruns: usize,
-    pub order_violations: usize,
-    pub overlaps: usize,
-    pub overlaps_across_hosts: usize,
-}
-
-pub async fn spans_of(js: &async_nats::jetstream::Context) -> Vec<Span> {
-    all_messages(js, "KV_spans")
-        .await
-        .into_iter()
-        .filter_map(|(_, payload, _)| {
-            let text = String::from_utf8(payload.to_vec()).ok()?;
-            let f: Vec<&str> = text.split(' ').collect();
-            Some(Span {
-                key: f.first()?.to_string(),
-                seq: f.get(1)?.parse().ok()?,
-                start: f.get(2)?.parse().ok()?,
-                end: f.get(3)?.parse().ok()?,
-                host: f.get(5)?.to_string(),
-            })
-        })
-        .collect()
-}
-
 async fn spans(env: &Env) -> Vec<Span> {
     spans_of(&env.js).await
-}
-
-pub fn check(spans: &[Span]) -> Verdict {
-    let mut by_key: BTreeMap<&str, Vec<&Span>> = BTreeMap::new();
-    let mut runs: HashMap<u64, usize> = HashMap::new();
-    for s in spans {
-        by_key.entry(&s.key).or_default().push(s);
-        *runs.entry(s.seq).or_default() += 1;
-    }
-    let mut v = Verdict {
-        messages: runs.len(),
-        executions: spans.len(),
-        reruns: spans.len() - runs.len(),
-        ..Verdict::default()
-    };
-    for list in by_key.values_mut() {
-        list.sort_by_key(|s| s.start);
-        let mut highest = 0;
-        for pair in list.windows(2) {
-            if pair[1].start < pair[0].end {
-                v.overlaps += 1;
-                if pair[0].host != pair[1].host {
-                    v.overlaps_across_hosts += 1;
-                }
-            }
-        }
-        for s in list.iter() {
-            if s.seq < highest {
-                v.order_violations += 1;
-            }
-            highest = highest.max(s.seq);
-        }
-    }
-    v
 }
 
 async fn publish_jobs(env: &Env, total: u64, keys: u64, command: &str) {
@@ -540,4 +466,76 @@ async fn changing_the_partition_count_under_load_runs_every_message_once_in_orde
     );
     a.terminate();
     b.terminate();
+}
+
+/// A delivery the host never sees, as when its connection drops with deliveries in transit:
+/// here a rival puller takes one delivery of the partition's consumer and never acks it.
+/// JetStream counts it as delivered to the consumer, so without more it would come back only
+/// after AckWait, behind its key's later messages. The host sees the jump in the consumer
+/// sequence and restarts the partition, whose new epoch replays it in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_the_host_never_saw_is_replayed_in_order() {
+    use futures::StreamExt as _;
+    let env = Env::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = HostProcess::spawn(
+        dir.path(),
+        "a",
+        &config("a", 1, "concurrency = 2"),
+        &env.server.url(),
+    );
+    wait_until("a owns the partition", Duration::from_secs(30), || {
+        owned(&[&a]) == [1.0]
+    })
+    .await;
+    publish_jobs(&env, 100, 2, "span:20").await;
+    wait_until("progress", Duration::from_secs(30), || {
+        a.metric("succeeded_total") >= 10.0
+    })
+    .await;
+    // The rival's request waits among the host's; the second half's messages are shared out
+    // between them, so it takes one with later messages of its key behind it.
+    let mut consumers = env
+        .js
+        .get_stream("MR_flaky_P1")
+        .await
+        .unwrap()
+        .consumer_names();
+    let consumer = consumers
+        .next()
+        .await
+        .expect("the partition's consumer")
+        .unwrap();
+    let inbox = env.client.new_inbox();
+    let mut rival = env.client.subscribe(inbox.clone()).await.unwrap();
+    env.client
+        .publish_with_reply(
+            format!("$JS.API.CONSUMER.MSG.NEXT.MR_flaky_P1.{consumer}"),
+            inbox,
+            r#"{"batch":1,"expires":20000000000}"#.into(),
+        )
+        .await
+        .unwrap();
+    env.client.flush().await.unwrap();
+    publish_jobs(&env, 100, 2, "span:20").await;
+    let stolen = tokio::time::timeout(Duration::from_secs(20), rival.next())
+        .await
+        .expect("the rival got a delivery")
+        .unwrap();
+    assert!(
+        stolen
+            .reply
+            .as_ref()
+            .is_some_and(|r| r.starts_with("$JS.ACK.")),
+        "the rival got a message, not a status: {stolen:?}"
+    );
+    println!("the rival took {} {:?}", stolen.subject, stolen.reply);
+    all_done_one_partition(&env, 200).await;
+    let v = check(&spans(&env).await);
+    println!("{v:?}; delivery gaps {}", a.metric("delivery_gaps_total"));
+    assert_eq!(v.messages, 200);
+    assert_eq!(v.order_violations, 0, "{v:?}");
+    assert_eq!(v.overlaps, 0, "{v:?}");
+    assert_eq!(a.metric("delivery_gaps_total"), 1.0, "the host saw the gap");
+    a.terminate();
 }
