@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::partitions::{config, owned};
-use crate::spans::{check, spans_of};
+use crate::spans::{check, spans_at_least};
 use crate::support::{wait_until, wasm, ClusterEnv, HostProcess};
 
 /// The partition test config with every stream and bucket replicated three times.
@@ -110,7 +110,7 @@ async fn killing_the_lease_bucket_leader_then_a_partition_consumer_leader_loses_
     tokio::time::sleep(Duration::from_secs(3)).await;
     env.cluster.node(leader).restart().unwrap();
     outputs_complete(&env, TOTAL, work, Duration::from_secs(180)).await;
-    let v = check(&spans_of(&env.js).await);
+    let v = check(&spans_at_least(&env.js, TOTAL as usize).await);
     println!(
         "{v:?}; lease renewal failures a/b {} {}, self-fences {} {}, stalled watches reopened {} {}",
         a.metric("lease_renew_failures_total"),
@@ -153,7 +153,7 @@ async fn killing_the_node_a_partitioned_host_talks_to_loses_no_delivery_and_reor
     tokio::time::sleep(Duration::from_secs(3)).await;
     env.cluster.node(0).restart().unwrap();
     outputs_complete(&env, TOTAL, "MR_flaky_P4", Duration::from_secs(180)).await;
-    let v = check(&spans_of(&env.js).await);
+    let v = check(&spans_at_least(&env.js, TOTAL as usize).await);
     println!(
         "{v:?}; delivery gaps a/b {} {}, late redeliveries {} {}, self-fences {} {}",
         a.metric("delivery_gaps_total"),
@@ -254,7 +254,7 @@ async fn a_consumer_leader_change_reruns_nothing_the_host_already_held_or_settle
     tokio::time::sleep(Duration::from_secs(3)).await;
     env.cluster.node(leader).restart().unwrap();
     outputs_complete(&env, TOTAL, "", Duration::from_secs(120)).await;
-    let v = check(&spans_of(&env.js).await);
+    let v = check(&spans_at_least(&env.js, TOTAL as usize).await);
     println!(
         "{v:?}; duplicate deliveries ignored: {}, late redeliveries: {}, retried: {}",
         a.metric("duplicate_deliveries_total"),

@@ -92,3 +92,17 @@ pub fn check(spans: &[Span]) -> Verdict {
     }
     v
 }
+
+/// The spans, once at least `expected` of them are readable. On a cluster whose node just
+/// restarted, a read can come back short (stream info from a node still catching up); every
+/// message that has its output wrote its span first, so a short read is read again.
+pub async fn spans_at_least(js: &async_nats::jetstream::Context, expected: usize) -> Vec<Span> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let spans = spans_of(js).await;
+        if spans.len() >= expected || std::time::Instant::now() >= deadline {
+            return spans;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
