@@ -27,6 +27,7 @@ mod intake;
 mod job;
 mod outputs;
 mod partition;
+mod prefetch;
 mod puller;
 mod push;
 mod recent;
@@ -65,6 +66,7 @@ use worker::Settled;
 /// How often the scaler looks and the gauges are refreshed: each tick is one measurement
 /// window of the pool size, so a backlog takes about four of them to reach `max_workers`.
 const SCALE_TICK: Duration = Duration::from_millis(100);
+
 /// How often the consumer's server-side backlog is read (it also comes free with messages).
 const INFO_EVERY: Duration = Duration::from_secs(1);
 /// How long an autoscaled pool holds the size it settled at before probing a larger one.
@@ -105,6 +107,9 @@ pub struct Shared {
     draining: AtomicBool,
     bindings: Mutex<Vec<Arc<Binding>>>,
     server_pending: AtomicU64,
+    /// Messages settled successfully per second, smoothed over the ticks (sizes the default
+    /// prefetch, see [`Shared::capacity`]).
+    completion_rate: AtomicU64,
 }
 
 impl Shared {
@@ -139,6 +144,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             bindings: Mutex::new(Vec::new()),
             server_pending: AtomicU64::new(0),
+            completion_rate: AtomicU64::new(0),
         }
     }
 
@@ -162,12 +168,14 @@ impl Shared {
             // Messages of busy keys wait here while other keys run: buffer up to the cap.
             return self.config.max_buffered;
         }
-        // Unordered messages never wait for a key; holding a few per worker hides a pull round
-        // trip without hoarding (another host can take what this one could not start soon).
+        // Unordered messages never wait for a key; holding a few per worker, or what the pool
+        // completes in `prefetch::HORIZON` when that is more, hides a pull round trip without
+        // hoarding (another host can take what this one could not start soon). A fast handler
+        // needs the horizon: a pull per handful of messages costs more than the handler.
         let target = self.pool.target();
         let wanted = match self.config.prefetch {
             Some(prefetch) => (2 * target).max(prefetch),
-            None => (8 * target).max(32),
+            None => prefetch::default(target, self.completion_rate.load(Ordering::Relaxed)),
         };
         wanted.min(self.config.max_buffered)
     }
@@ -486,6 +494,7 @@ async fn scale(
     let mut last = Instant::now();
     let mut last_info: Option<Instant> = None;
     let mut completed = m.succeeded.load(Ordering::Relaxed);
+    let (mut rate_count, mut rate_at) = (completed, last);
     let mut failed = m.retried.load(Ordering::Relaxed);
     // Process-wide: the scaler compares it with the cores to see a CPU-bound pool.
     let mut cpu = autoscaled.then(crate::cpu::process_time).flatten();
@@ -503,6 +512,16 @@ async fn scale(
         }
         let stats = shared.executor.stats();
         let pool = &shared.pool;
+        let succeeded = m.succeeded.load(Ordering::Relaxed);
+        let secs = now.duration_since(rate_at).as_secs_f64();
+        if secs > 0.0 {
+            let instant = succeeded.saturating_sub(rate_count) as f64 / secs;
+            let old = shared.completion_rate.load(Ordering::Relaxed) as f64;
+            shared
+                .completion_rate
+                .store(((old + instant) / 2.0) as u64, Ordering::Relaxed);
+        }
+        (rate_count, rate_at) = (succeeded, now);
         m.workers.store(pool.live() as i64, Ordering::Relaxed);
         m.busy.store(pool.busy() as i64, Ordering::Relaxed);
         m.busy_peak
