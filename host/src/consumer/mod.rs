@@ -494,7 +494,6 @@ async fn scale(
     let mut last = Instant::now();
     let mut last_info: Option<Instant> = None;
     let mut completed = m.succeeded.load(Ordering::Relaxed);
-    let (mut rate_count, mut rate_at) = (completed, last);
     let mut failed = m.retried.load(Ordering::Relaxed);
     // Process-wide: the scaler compares it with the cores to see a CPU-bound pool.
     let mut cpu = autoscaled.then(crate::cpu::process_time).flatten();
@@ -512,16 +511,16 @@ async fn scale(
         }
         let stats = shared.executor.stats();
         let pool = &shared.pool;
-        let succeeded = m.succeeded.load(Ordering::Relaxed);
-        let secs = now.duration_since(rate_at).as_secs_f64();
-        if secs > 0.0 {
-            let instant = succeeded.saturating_sub(rate_count) as f64 / secs;
-            let old = shared.completion_rate.load(Ordering::Relaxed) as f64;
-            shared
-                .completion_rate
-                .store(((old + instant) / 2.0) as u64, Ordering::Relaxed);
-        }
-        (rate_count, rate_at) = (succeeded, now);
+        // One reading per tick serves the prefetch default and the autoscaler alike.
+        let done_now = m.succeeded.load(Ordering::Relaxed);
+        let done = done_now.saturating_sub(completed);
+        let elapsed = now.duration_since(last);
+        let rate = prefetch::smoothed(
+            shared.completion_rate.load(Ordering::Relaxed),
+            done,
+            elapsed,
+        );
+        shared.completion_rate.store(rate, Ordering::Relaxed);
         m.workers.store(pool.live() as i64, Ordering::Relaxed);
         m.busy.store(pool.busy() as i64, Ordering::Relaxed);
         m.busy_peak
@@ -536,7 +535,6 @@ async fn scale(
             Vec::new()
         });
         if autoscaled {
-            let done_now = m.succeeded.load(Ordering::Relaxed);
             let failed_now = m.retried.load(Ordering::Relaxed);
             let cpu_now = crate::cpu::process_time();
             let observation = Observation {
@@ -547,12 +545,12 @@ async fn scale(
                 workers: pool.live(),
                 busy: pool.busy(),
                 ready: stats.runnable,
-                completed: done_now - completed,
+                completed: done,
                 failed: failed_now - failed,
-                elapsed: now.duration_since(last),
+                elapsed,
                 cpu: cpu.zip(cpu_now).map(|(a, b)| b.saturating_sub(a)),
             };
-            (completed, failed, last, cpu) = (done_now, failed_now, now, cpu_now);
+            (failed, cpu) = (failed_now, cpu_now);
             let decision = scaler.decide(&observation);
             m.target_workers
                 .store(decision.target as i64, Ordering::Relaxed);
@@ -574,6 +572,7 @@ async fn scale(
             m.target_workers
                 .store(pool.target() as i64, Ordering::Relaxed);
         }
+        (completed, last) = (done_now, now);
         spawn_workers(&shared, &workers, &abort);
         // Spawned workers count as live at once: show the new size now, not a tick later.
         m.workers.store(pool.live() as i64, Ordering::Relaxed);

@@ -16,9 +16,30 @@ pub fn default(target: usize, rate: u64) -> usize {
         .max(usize::try_from(horizon).unwrap_or(usize::MAX))
 }
 
+/// The completion rate the default is sized from: the mean of the `old` rate and the one
+/// just seen (`completed` messages in `elapsed`), so one quiet tick halves it, not zeroes it.
+pub fn smoothed(old: u64, completed: u64, elapsed: Duration) -> u64 {
+    let nanos = elapsed.as_nanos();
+    if nanos == 0 {
+        return old;
+    }
+    let now = u128::from(completed) * 1_000_000_000 / nanos;
+    u64::try_from((u128::from(old) + now) / 2).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::default;
+    use super::{default, smoothed};
+    use std::time::Duration;
+
+    #[test]
+    fn the_rate_is_smoothed_over_ticks() {
+        let tick = Duration::from_millis(100);
+        assert_eq!(smoothed(0, 5_000, tick), 25_000);
+        assert_eq!(smoothed(25_000, 5_000, tick), 37_500);
+        assert_eq!(smoothed(40_000, 0, tick), 20_000);
+        assert_eq!(smoothed(7, 100, Duration::ZERO), 7);
+    }
 
     #[test]
     fn a_slow_pool_holds_a_few_per_worker_and_a_fast_one_what_it_runs_in_the_horizon() {
